@@ -1,0 +1,382 @@
+"""The pMF DiT: an x-prediction transformer with in-context conditioning (reference §4).
+
+The network maps (z, h, omega, t_min, t_max, y) to raw head outputs. It knows nothing about
+the loss: the conversion of its outputs to velocities, with clip(t, 0.05, 1), lives in pmf.py.
+
+Token sequence (§4.2): [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N].
+A shared trunk of depth - head_depth blocks feeds a u-head and (for training) a v-head of
+head_depth blocks each; each head has its own final layer.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    "pMF-B/16": dict(input_size=256, patch_size=16, depth=16, hidden_size=768, num_heads=12),
+    "pMF-L/16": dict(input_size=256, patch_size=16, depth=32, hidden_size=1024, num_heads=16),
+    "pMF-H/16": dict(input_size=256, patch_size=16, depth=48, hidden_size=1280, num_heads=16),
+    "pMF-B/32": dict(input_size=512, patch_size=32, depth=16, hidden_size=768, num_heads=12),
+    "pMF-L/32": dict(input_size=512, patch_size=32, depth=32, hidden_size=1024, num_heads=16),
+    "pMF-H/32": dict(input_size=512, patch_size=32, depth=48, hidden_size=1280, num_heads=16),
+}
+
+# In-context token counts, in sequence order (§4.2).
+PREFIX_TOKENS = {"class": 8, "omega": 4, "t_min": 2, "t_max": 2, "time": 4}
+BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (§4.6)
+ATTENTION_IMPLS = ("sdpa", "explicit")
+
+
+def _normal_linear(module, gain):
+    nn.init.normal_(module.weight, std=gain / math.sqrt(module.in_features))
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; statistics in the input dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class ScalarEmbedder(nn.Module):
+    """A scalar in [0, 1] (no x1000) -> 256-d [cos, sin] sinusoid -> Linear -> SiLU -> Linear (§4.3)."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        _normal_linear(self.fc1, 1.0)
+        _normal_linear(self.fc2, 1.0)
+
+    def forward(self, s):
+        """s: (B,) -> (B, D)."""
+        half = self.freq_dim // 2
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        k = torch.arange(half, device=s.device, dtype=dtype)
+        args = s.to(dtype)[:, None] * torch.exp(-math.log(10000.0) * k / half)[None]
+        freqs = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.fc2(F.silu(self.fc1(freqs.to(self.fc1.weight.dtype))))
+
+
+class PatchEmbed(nn.Module):
+    """Bottleneck patch embedding: Conv(p x p, stride p, C -> C_b) then Conv(1 x 1, C_b -> D)."""
+
+    def __init__(self, patch_size, in_channels, bottleneck, hidden_size):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size)
+        self.conv2 = nn.Conv2d(bottleneck, hidden_size, 1)
+        for conv in (self.conv1, self.conv2):  # Xavier-uniform with Linear-style fans (§4.6)
+            fan_in = conv.weight[0].numel()
+            limit = math.sqrt(6.0 / (fan_in + conv.out_channels))
+            nn.init.uniform_(conv.weight, -limit, limit)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        """x: (B, C, H, W) -> (B, N, D), patches in row-major grid order."""
+        return self.conv2(self.conv1(x)).flatten(2).transpose(1, 2)
+
+
+def rope_tables(grid, head_dim, dtype, device, theta=10000.0):
+    """2-D RoPE angles (§4.4): (cos, sin), each (grid*grid, head_dim/2).
+
+    Of the head_dim/2 channel pairs the first half rotates by the row index, the second half by
+    the column index, both with frequencies theta^(-2k/(head_dim/2)), k < head_dim/4.
+    """
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=device, dtype=dtype) * 2 / (head_dim // 2))
+    pos = torch.arange(grid, device=device, dtype=dtype)
+    rows = (pos[:, None, None] * freqs).expand(grid, grid, quarter)
+    cols = (pos[None, :, None] * freqs).expand(grid, grid, quarter)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, 2 * quarter)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, rope):
+    """Rotate the last N tokens of x: (B, L, heads, head_dim); adjacent pairs (2k, 2k+1) interleaved.
+
+    Prefix tokens (the first L - N) are left unrotated (§4.4).
+    """
+    cos, sin = rope
+    n = cos.shape[0]
+    prefix, patches = x[:, :-n], x[:, -n:]
+    pairs = patches.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return torch.cat([prefix, rotated.flatten(-2).to(x.dtype)], dim=1)
+
+
+def attention(q, k, v, impl):
+    """Softmax attention, q, k, v: (B, heads, L, head_dim), scale 1/sqrt(head_dim).
+
+    "sdpa": fused kernel (flash on GPU); no forward-mode AD on CPU/flash.
+    "explicit": matmul + fp32 softmax as the official code; supports forward-mode AD (§10.1).
+    """
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    logits = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return weights.to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Bias-free q/k/v/out projections, QK-RMSNorm over head_dim before RoPE."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.q, self.k, self.v, self.out = (nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(4))
+        for lin in (self.q, self.k, self.v, self.out):
+            _normal_linear(lin, BLOCK_INIT)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+
+    def forward(self, x, rope, impl):
+        """x: (B, L, D) -> (B, L, D)."""
+        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)) for proj in (self.q, self.k, self.v))
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def swiglu_hidden(hidden_size):
+    """int(8D/3), rounded up to a multiple of 8 only when D > 1024 (the released H weights; §4.1)."""
+    width = int(hidden_size * 8 / 3)
+    return (width + 7) // 8 * 8 if hidden_size > 1024 else width
+
+
+class SwiGLU(nn.Module):
+    """w2(SiLU(w1 x) * w3 x), no biases."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        width = swiglu_hidden(hidden_size)
+        self.w1 = nn.Linear(hidden_size, width, bias=False)
+        self.w3 = nn.Linear(hidden_size, width, bias=False)
+        self.w2 = nn.Linear(width, hidden_size, bias=False)
+        for lin in (self.w1, self.w2, self.w3):
+            _normal_linear(lin, BLOCK_INIT)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block with per-channel residual gates initialised to zero (identity at init)."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = RMSNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size)
+        self.attn_gate = nn.Parameter(torch.zeros(hidden_size))
+        self.mlp_gate = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x, rope, impl):
+        x = x + self.attn_gate * self.attn(self.norm1(x), rope, impl)
+        return x + self.mlp_gate * self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm -> Linear(D -> p*p*C), zero weight and bias; channel order (p_row, p_col, c)."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+class PMFDiT(nn.Module):
+    """pMF DiT. forward(z, h, omega, t_min, t_max, y) -> raw head outputs (x-predictions).
+
+    Shapes: z (B, C, H, W); h, omega, t_min, t_max (B,) floats; y (B,) long in [0, num_classes],
+    num_classes being the null (unconditional) label. Each head output is (B, C, H, W).
+    """
+
+    def __init__(self, input_size=256, in_channels=3, num_classes=1000, depth=16, hidden_size=768,
+                 num_heads=12, patch_size=16, head_depth=8, with_v_head=True):
+        super().__init__()
+        _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,
+                          patch_size, head_depth)
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.patch_size, self.num_heads = patch_size, num_heads
+        self.grid = input_size // patch_size
+        self.head_dim = hidden_size // num_heads
+        d = hidden_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, 128 if d <= 1024 else 256, d)
+        self.h_embedder = ScalarEmbedder(d)
+        self.omega_embedder = ScalarEmbedder(d)
+        self.t_min_embedder = ScalarEmbedder(d)
+        self.t_max_embedder = ScalarEmbedder(d)
+        self.label_embed = nn.Embedding(num_classes + 1, d)  # row num_classes = null label
+        nn.init.normal_(self.label_embed.weight, std=1 / math.sqrt(d))
+        for group, count in PREFIX_TOKENS.items():
+            self.register_parameter(f"{group}_tokens", nn.Parameter(torch.randn(1, count, d) / math.sqrt(d)))
+        self.num_prefix = sum(PREFIX_TOKENS.values())
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.num_prefix + self.grid ** 2, d))
+
+        self.trunk = nn.ModuleList(Block(d, num_heads) for _ in range(depth - head_depth))
+        self.u_head = nn.ModuleList(Block(d, num_heads) for _ in range(head_depth))
+        self.u_final = FinalLayer(d, patch_size, in_channels)
+        self.v_head = nn.ModuleList(Block(d, num_heads) for _ in range(head_depth)) if with_v_head else None
+        self.v_final = FinalLayer(d, patch_size, in_channels) if with_v_head else None
+
+    @property
+    def has_v_head(self):
+        return self.v_head is not None
+
+    def _check_inputs(self, z, h, y, heads):
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"image batch has shape {tuple(z.shape)}; this model takes (B, {', '.join(map(str, expected))})")
+        if h.shape != (z.shape[0],) or y.shape != (z.shape[0],):
+            raise ValueError(f"h and y must be (B,) = ({z.shape[0]},); got {tuple(h.shape)} and {tuple(y.shape)}")
+        if "v" in heads and not self.has_v_head:
+            raise ValueError("this model was built without the v-head (inference build); heads='v' is unavailable")
+        if not set(heads) <= {"u", "v"} or not heads:
+            raise ValueError(f"heads must be a non-empty combination of 'u' and 'v', got {heads!r}")
+
+    def _sequence(self, z, h, omega, t_min, t_max, y):
+        b = z.shape[0]
+        conds = {
+            "class": self.label_embed(y),
+            "omega": self.omega_embedder(1 - 1 / omega),  # the network embeds 1 - 1/omega (§4.2)
+            "t_min": self.t_min_embedder(t_min),
+            "t_max": self.t_max_embedder(t_max),
+            "time": self.h_embedder(h),  # only h = t - r is embedded; no t token
+        }
+        prefix = [getattr(self, f"{g}_tokens").expand(b, -1, -1) + conds[g][:, None] for g in PREFIX_TOKENS]
+        return torch.cat(prefix + [self.patch_embed(z)], dim=1) + self.pos_embed
+
+    def _unpatchify(self, tokens):
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        p, g = self.patch_size, self.grid
+        x = tokens.reshape(tokens.shape[0], g, g, p, p, self.in_channels)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], self.in_channels, g * p, g * p)
+
+    def _head(self, blocks, final, x, rope, attn):
+        for block in blocks:
+            x = block(x, rope, attn)
+        return self._unpatchify(final(x[:, self.num_prefix:]))
+
+    def forward(self, z, h, omega, t_min, t_max, y, heads="uv", attn="sdpa"):
+        """Returns a tuple with one (B, C, H, W) output per letter of `heads` ("u", "v" or "uv").
+
+        attn: "sdpa" (fused) or "explicit" (forward-mode-AD capable, fp32 softmax).
+        """
+        self._check_inputs(z, h, y, heads)
+        if attn not in ATTENTION_IMPLS:
+            raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {attn!r}")
+        rope_dtype = torch.promote_types(z.dtype, torch.float32)
+        rope = rope_tables(self.grid, self.head_dim, rope_dtype, z.device)
+        x = self._sequence(z, h, omega, t_min, t_max, y)
+        for block in self.trunk:
+            x = block(x, rope, attn)
+        branches = {"u": (self.u_head, self.u_final), "v": (self.v_head, self.v_final)}
+        return tuple(self._head(*branches[name], x, rope, attn) for name in heads)
+
+
+def _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,
+                      patch_size, head_depth):
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+        raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must be a head_dim divisible by 4 (2-D RoPE)")
+    if not 0 < head_depth <= depth:
+        raise ValueError(f"head_depth {head_depth} must be in [1, depth={depth}]")
+    if min(in_channels, num_classes) < 1:
+        raise ValueError("in_channels and num_classes must be positive")
+
+
+BUILD_OVERRIDES = ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
+                   "patch_size", "head_depth", "with_v_head")
+
+
+def build_model(name, **overrides):
+    """Build a preset (`pMF-B/16` ... `pMF-H/32`) or, with name=None, a custom shape from overrides.
+
+    Overrides: input_size, in_channels, num_classes, depth, hidden_size, num_heads, patch_size,
+    head_depth, with_v_head (False for inference builds).
+    """
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or None for a custom shape")
+    unknown = sorted(set(overrides) - set(BUILD_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown build_model overrides {unknown}; allowed: {list(BUILD_OVERRIDES)}")
+    return PMFDiT(**{**PRESETS.get(name, {}), **overrides})
+
+
+# Authors' PyTorch release (branch `torch`, reference §4.7): their names -> ours.
+_OFFICIAL_RENAMES = [
+    (r"^x_embedder\.proj([12])\.", r"patch_embed.conv\1."),
+    (r"^cfg_t_start_embedder\.", "t_min_embedder."),
+    (r"^cfg_t_end_embedder\.", "t_max_embedder."),
+    (r"_embedder\.mlp\.0\._flax_linear\.", "_embedder.fc1."),
+    (r"_embedder\.mlp\.2\._flax_linear\.", "_embedder.fc2."),
+    (r"^y_embedder\.embedding_table\._flax_embedding\.weight$", "label_embed.weight"),
+    (r"^shared_blocks\.", "trunk."),
+    (r"^u_heads\.", "u_head."),
+    (r"^v_heads\.", "v_head."),
+    (r"^u_final_layer\.", "u_final."),
+    (r"^v_final_layer\.", "v_final."),
+    (r"\.attn\.(q|k|v|out)_proj\._flax_linear\.", r".attn.\1."),
+    (r"\.mlp\.(w[123])\._flax_linear\.", r".mlp.\1."),
+    (r"\.linear\._flax_linear\.", ".linear."),
+    (r"\.attn_scale$", ".attn_gate"),
+    (r"\.mlp_scale$", ".mlp_gate"),
+]
+_OFFICIAL_IGNORED = {"rope_freqs"}  # recomputed on the fly here
+
+
+def official_to_ours(state_dict):
+    """Rename an authors' `pmfDiT` state dict (optionally prefixed `net.`) to this model's names."""
+    renamed = {}
+    for key, value in state_dict.items():
+        name = key[len("net."):] if key.startswith("net.") else key
+        if name in _OFFICIAL_IGNORED:
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            name = re.sub(pattern, repl, name)
+        renamed[name] = value
+    return renamed
+
+
+def load_weights(model, state_dict, source="checkpoint"):
+    """Load our or the authors' state dict into `model`, strictly, with readable errors.
+
+    The v-head may be absent from the file (release files are inference builds); then the model's
+    v-head, if any, keeps its initialisation. Every other tensor must be present with its shape.
+    """
+    if any(k.startswith(("net.", "x_embedder.", "shared_blocks.")) for k in state_dict):
+        state_dict = official_to_ours(state_dict)
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if name not in own:
+            raise ValueError(f"{source}: tensor {name!r} has no place in this model (wrong preset or file?)")
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(own[name].shape)}; choose the preset the checkpoint was trained with")
+    missing = [n for n in own if n not in state_dict and not n.startswith(("v_head.", "v_final."))]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} tensors missing, first {missing[0]!r}")
+    model.load_state_dict(state_dict, strict=False)
+    return model

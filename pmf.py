@@ -1,0 +1,322 @@
+"""pixel MeanFlow: the training objective (paper Algorithm 1, reference §2) and sampling (§3).
+
+Conventions (§1): x in [-1, 1], t = 1 is noise, z_t = (1 - t) x + t e with e = s * eps,
+c(t) = clip(t, 0.05, 1). The network sees h = t - r only; t enters through 1/c(t) in the
+conversion of its x-prediction to velocities: u = (z - x_u) / c(t), v = (z - x_v) / c(t).
+
+The training step follows the official JAX step ([M] `pixelMeanFlow.forward`) with one exact
+change of schedule: du/dt is a stop-gradient quantity, so it is computed by a no-grad
+forward-mode JVP on the unwrapped network, and the gradient comes from one ordinary forward
+through the (possibly DDP-wrapped) network. Both see the same inputs, so the gradient equals
+the single-pass gradient (§10.2), and DDP all-reduces it as usual.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+
+from perceptual import sample_crop_boxes
+
+# Per-preset recipe (reference §9): the official configs; H t_thr is the intended 0.6.
+RECIPES = {
+    "pMF-B/16": dict(noise_scale=1.0, P_mean=0.8, P_std=0.8, t_thr=0.8, cfg_beta=1.0, tr_uniform=0.0),
+    "pMF-B/32": dict(noise_scale=2.0, P_mean=0.8, P_std=0.8, t_thr=0.8, cfg_beta=1.0, tr_uniform=0.0),
+    "pMF-L/16": dict(noise_scale=1.0, P_mean=0.8, P_std=0.8, t_thr=0.8, cfg_beta=2.0, tr_uniform=0.0),
+    "pMF-L/32": dict(noise_scale=4.0, P_mean=0.0, P_std=0.8, t_thr=0.6, cfg_beta=1.0, tr_uniform=0.0),
+    "pMF-H/16": dict(noise_scale=2.0, P_mean=0.0, P_std=0.8, t_thr=0.6, cfg_beta=1.0, tr_uniform=0.1),
+    "pMF-H/32": dict(noise_scale=4.0, P_mean=0.0, P_std=0.8, t_thr=0.6, cfg_beta=1.0, tr_uniform=0.1),
+}
+DROPOUT_MODES = ("prefix", "per_sample")
+PREDICTIONS = ("x", "u")
+
+
+@dataclass(frozen=True)
+class PMFConfig:
+    """Method hyperparameters. Recipe values (first six) come from RECIPES via `for_preset`;
+    the rest are the paper's constants shared by every model (§9)."""
+    noise_scale: float          # s: e = s * eps, at training and sampling
+    P_mean: float               # logit-normal t, r: sigmoid(P_std * n + P_mean)
+    P_std: float
+    t_thr: float                # perceptual terms only where t < t_thr (strict)
+    cfg_beta: float             # p(omega) ~ omega^-beta on [1, 1 + cfg_max]
+    tr_uniform: float           # probability of replacing (t, r) by uniform draws (H recipe: 0.1)
+    num_classes: int = 1000     # label num_classes is the null (unconditional) label
+    data_proportion: float = 0.5  # the first floor(0.5 B) rows get r = t
+    cfg_max: float = 7.0        # omega in [1, 8]
+    class_dropout: float = 0.1
+    class_dropout_mode: str = "prefix"  # official "first k rows"; "per_sample" is the fixed variant (§2.3)
+    t_clip: float = 0.05        # c(t) = clip(t, t_clip, 1)
+    norm_eps: float = 0.01      # adaptive weight L / sg(L + eps)^p
+    norm_p: float = 1.0
+    lpips_weight: float = 0.4
+    convnext_weight: float = 0.1
+    prediction: str = "x"       # "x" (paper) or "u" (Table 2 ablation)
+    t_buckets: int = 4          # metrics: raw u-MSE per equal-width t bucket
+
+    def __post_init__(self):
+        if self.class_dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"class_dropout_mode must be one of {DROPOUT_MODES}, got {self.class_dropout_mode!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        for name in ("data_proportion", "class_dropout", "tr_uniform", "t_clip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.noise_scale <= 0 or self.P_std <= 0 or self.cfg_max < 0 or self.norm_eps <= 0:
+            raise ValueError("noise_scale, P_std and norm_eps must be positive and cfg_max non-negative")
+
+    @classmethod
+    def for_preset(cls, name, **overrides):
+        if name not in RECIPES:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(RECIPES)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown PMFConfig fields {unknown}")
+        return cls(**{**RECIPES[name], **overrides})
+
+
+@dataclass
+class Draws:
+    """Every random quantity of one training step, per sample (B rows)."""
+    t: torch.Tensor         # (B,) in [0, 1]
+    r: torch.Tensor         # (B,) with r <= t
+    e: torch.Tensor         # (B, C, H, W) noise, already times noise_scale
+    omega: torch.Tensor     # (B,) CFG scale in [1, 1 + cfg_max]
+    t_min: torch.Tensor     # (B,) CFG interval; [0, 1] on r = t rows
+    t_max: torch.Tensor
+    fm: torch.Tensor        # (B,) bool, the r = t prefix
+    drop: torch.Tensor      # (B,) bool, rows whose label becomes null
+    crops: torch.Tensor     # (B, 4) long (top, left, height, width) of the paired perceptual crop
+
+
+def _rand(n, like, generator):
+    return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def sample_time(cfg, n, like, generator=None):
+    """(t, r, fm) of §2.1 steps 1-4: logit-normal pair, optional uniform mix, r = t prefix, then order."""
+    def logit_normal():
+        return torch.sigmoid(cfg.P_std * torch.randn(n, generator=generator, device=like.device, dtype=like.dtype) + cfg.P_mean)
+    t, r = logit_normal(), logit_normal()
+    uniform = _rand(n, like, generator) < cfg.tr_uniform
+    t = torch.where(uniform, _rand(n, like, generator), t)
+    r = torch.where(uniform, _rand(n, like, generator), r)
+    fm = torch.arange(n, device=like.device) < int(n * cfg.data_proportion)
+    r = torch.where(fm, t, r)
+    return torch.maximum(t, r), torch.minimum(t, r), fm  # order after the prefix (§11.6)
+
+
+def sample_omega(cfg, n, like, generator=None):
+    """omega on [1, 1 + cfg_max] with density ~ omega^-beta, by inverse CDF (§2.1 step 7)."""
+    u = _rand(n, like, generator)
+    top = torch.tensor(1.0 + cfg.cfg_max, dtype=like.dtype, device=like.device)
+    if cfg.cfg_beta == 1.0:
+        return top ** u
+    a = 1.0 - cfg.cfg_beta
+    return torch.exp(torch.log1p(u * torch.expm1(a * torch.log(top))) / a)
+
+
+def sample_dropout(cfg, n, like, generator=None):
+    """Rows that get the null label: official prefix of k ~ Bin(n, p) rows, or a per-sample mask (§2.3)."""
+    coin = _rand(n, like, generator) < cfg.class_dropout
+    if cfg.class_dropout_mode == "per_sample":
+        return coin
+    return torch.arange(n, device=like.device) < coin.sum()
+
+
+def sample_draws(cfg, x, generator=None):
+    """All random draws of one step for the image batch x: (B, C, H, W)."""
+    n = x.shape[0]
+    t, r, fm = sample_time(cfg, n, x, generator)
+    e = cfg.noise_scale * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    t_min = torch.where(fm, 0.0, 0.5 * _rand(n, x, generator))
+    t_max = torch.where(fm, 1.0, 0.5 + 0.5 * _rand(n, x, generator))
+    omega = sample_omega(cfg, n, x, generator)
+    drop = sample_dropout(cfg, n, x, generator)
+    crops = sample_crop_boxes(n, x.shape[-2], x.shape[-1], x, generator)
+    return Draws(t, r, e, omega, t_min, t_max, fm, drop, crops)
+
+
+def _col(s):
+    return s[:, None, None, None]
+
+
+def velocities(net, z, t, h, omega, t_min, t_max, y, cfg, heads="uv", attn="sdpa"):
+    """Network outputs as velocities, one (B, C, H, W) per head: (z - x_hat) / c(t) for x-prediction."""
+    outs = net(z, h, omega, t_min, t_max, y, heads=heads, attn=attn)
+    if cfg.prediction == "u":
+        return outs
+    c = _col(t.clamp(cfg.t_clip, 1.0))
+    return tuple((z - out) / c for out in outs)
+
+
+@torch.no_grad()
+def guided_target(model, z, t, v_t, y, omega, t_min, t_max, cfg):
+    """Self-guided target from the v-head (§2.1 step 8), with the exact pruning of §2.2.
+
+    Returns (v_c, v_u, v_g): conditional velocity at the interval-masked scale (the JVP tangent),
+    unconditional velocity (null label, omega = 1) and the guided target. All queries use h = 0
+    and the interval [0, 1].
+    """
+    n = z.shape[0]
+    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+    null = torch.full_like(y, cfg.num_classes)
+    two = lambda a, b: torch.cat([a, b])
+    v_both, = velocities(model, two(z, z), two(t, t), two(zeros, zeros), two(omega, ones),
+                         two(zeros, zeros), two(ones, ones), two(y, null), cfg, heads="v")
+    v_c, v_u = v_both[:n], v_both[n:]
+    inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
+    out = (~inside).nonzero().squeeze(1)
+    if out.numel():  # outside the interval w_in = 1: same call with omega = 1, only for those rows
+        v_c[out] = velocities(model, z[out], t[out], zeros[out], ones[out], zeros[out], ones[out], y[out],
+                              cfg, heads="v")[0]
+    w_in = torch.where(inside, omega, ones)
+    v_g = v_t + _col(1 - 1 / w_in) * (v_c - v_u)
+    return v_c, v_u, v_g
+
+
+def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
+    """du/dt of F(z, t, r) = u(z, t, h = t - r, ...) along (tangent, 1, 0), stop-gradient (§2.1 step 10).
+
+    No-grad forward-mode AD on the unwrapped network with explicit attention (flash / CPU SDPA
+    have no forward AD, §10.1), in at least fp32 with autocast off (§10.5).
+    """
+    def u_of(z_, t_, r_):
+        return velocities(model, z_, t_, t_ - r_, omega, t_min, t_max, y, cfg, heads="u", attn="explicit")[0]
+
+    primals = (_fp32_or_wider(z), _fp32_or_wider(t), _fp32_or_wider(r))
+    tangents = (_fp32_or_wider(tangent), torch.ones_like(primals[1]), torch.zeros_like(primals[2]))
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        return torch.func.jvp(u_of, primals, tangents)[1]
+
+
+def adaptive_weight(loss, cfg):
+    """A(L) = L / sg((L + eps)^p), applied to each per-sample term separately (§2.1 step 12)."""
+    return loss / (loss + cfg.norm_eps).pow(cfg.norm_p).detach()
+
+
+def _fp32_or_wider(a):
+    return a.to(torch.promote_types(a.dtype, torch.float32))
+
+
+def _per_sample_sq(a, b):
+    """Per-sample sum over C x H x W of (a - b)^2, reduced in fp32 or wider (§10.5)."""
+    return (_fp32_or_wider(a) - _fp32_or_wider(b)).pow(2).flatten(1).sum(1)
+
+
+def pmf_loss(net, x, y, draws, cfg, perceptual=None):
+    """The pMF objective for one batch. Returns (loss, metrics).
+
+    net: the network, possibly DDP-wrapped (its `.module` is used for the no-grad passes);
+    x: (B, C, H, W) images in [-1, 1]; y: (B,) labels in [0, num_classes);
+    draws: from `sample_draws`; perceptual: a `perceptual.PerceptualLoss` or None (terms off).
+    loss: scalar, batch mean of L_u + L_v + 0.4 A(LPIPS) + 0.1 A(ConvNeXt); metrics: detached.
+    """
+    model = getattr(net, "module", net)
+    t, r, omega, t_min, t_max = draws.t, draws.r, draws.omega, draws.t_min, draws.t_max
+    z = (1 - _col(t)) * x + _col(t) * draws.e                      # z_t
+    v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), §11.2
+    v_c, v_u, v_g = guided_target(model, z, t, v_t, y, omega, t_min, t_max, cfg)
+
+    drop = _col(draws.drop)                                         # class dropout, §2.3
+    y_in = torch.where(draws.drop, cfg.num_classes, y)
+    v_g = torch.where(drop, v_t, v_g)
+    tangent = v_c if cfg.class_dropout_mode == "prefix" else torch.where(drop, v_u, v_c)
+
+    du_dt = du_dt_jvp(model, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
+    u, v = velocities(net, z, t, t - r, omega, t_min, t_max, y_in, cfg, heads="uv")
+    V = u + _col(t - r) * du_dt                                     # compound velocity, sg(du/dt)
+
+    sq_u = _per_sample_sq(V, v_g)
+    sq_v = _per_sample_sq(v, v_g)
+    terms = {"loss_u": adaptive_weight(sq_u, cfg), "loss_v": adaptive_weight(sq_v, cfg)}
+
+    use_perc = t < cfg.t_thr
+    raw_perc = {}
+    if perceptual is not None:
+        x_tilde = z - _col(t) * u                                   # z_t - t u, unclipped t
+        raw_perc = _perceptual_terms(perceptual, x_tilde, x, draws.crops, use_perc)
+        terms["loss_lpips"] = cfg.lpips_weight * adaptive_weight(raw_perc["lpips"], cfg)
+        terms["loss_convnext"] = cfg.convnext_weight * adaptive_weight(raw_perc["convnext"], cfg)
+
+    loss = sum(terms.values()).mean()
+    metrics = _metrics(loss, terms, raw_perc, sq_u, sq_v, du_dt, t, draws.fm, use_perc, x[0].numel(), cfg)
+    return loss, metrics
+
+
+def _perceptual_terms(perceptual, x_tilde, x, crops, mask):
+    """Per-sample raw LPIPS and ConvNeXt distances, computed only on masked rows, 0 elsewhere."""
+    idx = mask.nonzero().squeeze(1)
+    lpips = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    convnext = torch.zeros_like(lpips)
+    if idx.numel():
+        lp, cn = perceptual(x_tilde[idx], x[idx], crops[idx])
+        lpips = lpips.index_put((idx,), lp.to(lpips.dtype))
+        convnext = convnext.index_put((idx,), cn.to(lpips.dtype))
+    return {"lpips": lpips, "convnext": convnext}
+
+
+@torch.no_grad()
+def _metrics(loss, terms, raw_perc, sq_u, sq_v, du_dt, t, fm, use_perc, numel, cfg):
+    """Raw MSEs next to the adaptive terms (§11.27: A(L) ~ 1 says little), ||du/dt||, t buckets."""
+    mse_u = sq_u / numel
+    m = {"loss": loss.detach()}
+    m.update({name: term.mean().detach() for name, term in terms.items()})
+    m["mse_u"], m["mse_v"] = mse_u.mean(), (sq_v / numel).mean()
+    m["mse_u_r_eq_t"] = mse_u[fm].mean() if fm.any() else torch.zeros_like(m["mse_u"])
+    m["mse_u_r_lt_t"] = mse_u[~fm].mean() if (~fm).any() else torch.zeros_like(m["mse_u"])
+    m["du_dt_norm"] = du_dt.flatten(1).norm(dim=1).mean()
+    m["perceptual_fraction"] = use_perc.float().mean()
+    for name, raw in raw_perc.items():
+        m[f"{name}_raw"] = raw.sum() / use_perc.sum().clamp(min=1)
+    bucket = (t * cfg.t_buckets).long().clamp(max=cfg.t_buckets - 1)
+    m["t_bucket_sum_mse_u"] = torch.zeros(cfg.t_buckets, device=t.device, dtype=mse_u.dtype).index_add(0, bucket, mse_u)
+    m["t_bucket_count"] = torch.bincount(bucket, minlength=cfg.t_buckets).float()
+    return m
+
+
+def _check_labels(y, cfg):
+    if y.dtype not in (torch.int32, torch.int64) or y.numel() and (y.min() < 0 or y.max() > cfg.num_classes):
+        raise ValueError(f"labels must be integers in [0, {cfg.num_classes}] ({cfg.num_classes} = null); "
+                         f"got dtype {y.dtype}, range [{y.min().item() if y.numel() else '-'}, "
+                         f"{y.max().item() if y.numel() else '-'}]")
+
+
+def check_batch(x, y, cfg):
+    """Validate a training batch at the edge: x (B, C, H, W), y (B,) integer labels in [0, num_classes]."""
+    if x.dim() != 4 or y.shape != (x.shape[0],):
+        raise ValueError(f"expected x (B, C, H, W) and y (B,); got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_labels(y, cfg)
+
+
+def predict(net, z, t, r, omega, t_min, t_max, y, cfg, heads="u"):
+    """Velocities at (z, t, r): checked entry point. All conditioning (B,); returns a tuple of (B, C, H, W)."""
+    if ((t < 0) | (t > 1)).any() or ((r < 0) | (r > 1)).any():
+        raise ValueError("t and r must lie in [0, 1] (t = 1 is noise, t = 0 is data)")
+    if (r > t).any():
+        raise ValueError("r must not exceed t (the average velocity runs from r up to t)")
+    _check_labels(y, cfg)
+    return velocities(net, z, t, t - r, omega, t_min, t_max, y, cfg, heads=heads)
+
+
+@torch.no_grad()
+def sample(net, noise, y, omega, t_min, t_max, cfg, steps=1):
+    """k-step pMF sampling (§3) from z_1 = noise_scale * noise; one step = one network evaluation.
+
+    noise: (B, C, H, W) standard normal; y: (B,) labels; omega, t_min, t_max: floats or (B,).
+    CFG is a network input: no unconditional pass, no batch doubling. Returns x: (B, C, H, W).
+    With x-prediction a step is z_r = lerp(z, x_hat, (t - r) / c(t)), so one step (t = 1, r = 0)
+    returns exactly the network's x-output.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_labels(y, cfg)
+    z = cfg.noise_scale * noise
+    cond = [torch.as_tensor(c, dtype=z.dtype, device=z.device).expand(z.shape[0]) for c in (omega, t_min, t_max)]
+    for i in range(steps):
+        t, r = 1 - i / steps, 1 - (i + 1) / steps
+        h = torch.full((z.shape[0],), t - r, dtype=z.dtype, device=z.device)
+        out, = net(z, h, *cond, y, heads="u")
+        if cfg.prediction == "u":
+            z = z - (t - r) * out
+        else:
+            z = torch.lerp(z, out, (t - r) / min(max(t, cfg.t_clip), 1.0))
+    return z
