@@ -80,11 +80,11 @@ def _missing(what, path, fix):
 def build_lpips(vgg_path=None, pretrained=True):
     """LPIPS-VGG v0.1: lin layers from the `lpips` wheel, VGG16 trunk from `vgg_path` or the torch hub cache."""
     import lpips
+    path = vgg_path or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    if pretrained and not os.path.isfile(path):
+        _missing("VGG16 (LPIPS trunk)", path, f"Copy torchvision's {VGG16_FILE} there or pass its path")
     net = lpips.LPIPS(net="vgg", version="0.1", pretrained=pretrained, pnet_rand=True, verbose=False)
     if pretrained:
-        path = vgg_path or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
-        if not os.path.isfile(path):
-            _missing("VGG16 (LPIPS trunk)", path, f"Copy torchvision's {VGG16_FILE} there or pass its path")
         vgg = torch.load(path, map_location="cpu", weights_only=True)
         slices = {f"slice{s}.{i}": f"features.{i}" for s, (lo, hi) in
                   enumerate([(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)], 1) for i in range(lo, hi)}

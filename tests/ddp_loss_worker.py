@@ -1,0 +1,36 @@
+"""Run by test_ddp.py under torchrun (2 processes, gloo): one pMF loss backward through DDP.
+
+Each rank takes its half of a fixed batch with its own draws (seeded by rank, as per-rank RNG
+streams in training) and rank 0 saves the all-reduced gradients to argv[1].
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import batch, tiny_cfg, tiny_model  # noqa: E402
+
+import pmf  # noqa: E402
+
+
+def main(out_path):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = DDP(tiny_model())
+    cfg = tiny_cfg()
+    x, y = batch(8)
+    x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+    draws = pmf.sample_draws(cfg, x, torch.Generator().manual_seed(100 + rank))
+    loss, _ = pmf.pmf_loss(net, x, y, draws, cfg)
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in net.module.named_parameters()}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
