@@ -364,10 +364,13 @@ def load_weights(model, state_dict, source="checkpoint"):
     """Load our or the authors' state dict into `model`, strictly, with readable errors.
 
     The v-head may be absent from the file (release files are inference builds); then the model's
-    v-head, if any, keeps its initialisation. Every other tensor must be present with its shape.
+    v-head, if any, keeps its initialisation. An inference build ignores the file's v-head. Every
+    other tensor must be present with its shape.
     """
     if any(k.startswith(("net.", "x_embedder.", "shared_blocks.")) for k in state_dict):
         state_dict = official_to_ours(state_dict)
+    if not model.has_v_head:  # an inference build takes training checkpoints without their v-head
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("v_head.", "v_final."))}
     own = model.state_dict()
     for name, tensor in state_dict.items():
         if name not in own:

@@ -78,7 +78,7 @@ class Draws:
     """Every random quantity of one training step, per sample (B rows)."""
     t: torch.Tensor         # (B,) in [0, 1]
     r: torch.Tensor         # (B,) with r <= t
-    e: torch.Tensor         # (B, C, H, W) noise, already times noise_scale
+    e: torch.Tensor         # (B, C, H, W) noise, already times noise_scale (None until drawn)
     omega: torch.Tensor     # (B,) CFG scale in [1, 1 + cfg_max]
     t_min: torch.Tensor     # (B,) CFG interval; [0, 1] on r = t rows
     t_max: torch.Tensor
@@ -122,17 +122,41 @@ def sample_dropout(cfg, n, like, generator=None):
     return torch.arange(n, device=like.device) < coin.sum()
 
 
+def _row_draws(cfg, n, height, width, like, generator):
+    """Per-row draws of a batch of n (everything but the noise); see `Draws`."""
+    t, r, fm = sample_time(cfg, n, like, generator)
+    t_min = torch.where(fm, 0.0, 0.5 * _rand(n, like, generator))
+    t_max = torch.where(fm, 1.0, 0.5 + 0.5 * _rand(n, like, generator))
+    omega = sample_omega(cfg, n, like, generator)
+    drop = sample_dropout(cfg, n, like, generator)
+    crops = sample_crop_boxes(n, height, width, like, generator)
+    return Draws(t, r, None, omega, t_min, t_max, fm, drop, crops)
+
+
 def sample_draws(cfg, x, generator=None):
-    """All random draws of one step for the image batch x: (B, C, H, W)."""
-    n = x.shape[0]
-    t, r, fm = sample_time(cfg, n, x, generator)
-    e = cfg.noise_scale * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    t_min = torch.where(fm, 0.0, 0.5 * _rand(n, x, generator))
-    t_max = torch.where(fm, 1.0, 0.5 + 0.5 * _rand(n, x, generator))
-    omega = sample_omega(cfg, n, x, generator)
-    drop = sample_dropout(cfg, n, x, generator)
-    crops = sample_crop_boxes(n, x.shape[-2], x.shape[-1], x, generator)
-    return Draws(t, r, e, omega, t_min, t_max, fm, drop, crops)
+    """All random draws of one step for the image batch x: (B, C, H, W), from one generator."""
+    draws = _row_draws(cfg, x.shape[0], x.shape[-2], x.shape[-1], x, generator)
+    draws.e = cfg.noise_scale * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return draws
+
+
+def step_draws(cfg, rows, global_batch, image_shape, seed, step, device, dtype=torch.float32):
+    """Draws for `rows` of the global batch of optimizer step `step`, the same for any split of the
+    batch over processes and accumulation steps: row draws come from one generator seeded by
+    (seed, step) over the whole global batch (so the r = t and dropout prefixes are global, as in
+    the official multi-host [H] code), noise from a generator seeded per (seed, step, row).
+    """
+    rows = torch.as_tensor(list(rows), dtype=torch.long)
+    like = torch.empty(0, dtype=dtype)
+    full = _row_draws(cfg, global_batch, image_shape[-2], image_shape[-1], like,
+                      torch.Generator().manual_seed((seed * 1_000_003 + step) % 2 ** 63))
+    picked = {f.name: getattr(full, f.name)[rows].to(device) for f in fields(Draws) if f.name != "e"}
+    noise_gen = torch.Generator(device).manual_seed(0)
+    noise = []
+    for row in rows.tolist():
+        noise_gen.manual_seed(((seed * 1_000_003 + step) * 65_537 + row) % 2 ** 63)
+        noise.append(torch.randn(image_shape, generator=noise_gen, device=device, dtype=dtype))
+    return Draws(e=cfg.noise_scale * torch.stack(noise), **picked)
 
 
 def _col(s):
