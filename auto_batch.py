@@ -48,16 +48,13 @@ def run_trial(cfg, batch, steps, device):
     """`steps` real training steps at micro-batch `batch`; returns (peak bytes, median step seconds)."""
     import dataset as data_lib
     import model as model_lib
-    import optimizer as optim_lib
     import pmf
     import train
     method = config_lib.method_config(cfg)
     torch.manual_seed(0)
     net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg)).to(device)
     perceptual = train.build_perceptual(cfg, method, device)
-    o = cfg.optim
-    opt = optim_lib.MuonAdamW(optim_lib.partition(net, o.partition), lr=o.lr, momentum=o.momentum, eps=o.eps,
-                              adam_betas=o.adam_betas, adjust_lr=o.adjust_lr, ns_dtype=getattr(torch, o.ns_dtype))
+    opt = train.build_optimizer(cfg, net)
     ema = train.EMA(net, cfg.training.ema_half_lives_kimg, cfg.training.ema_rampup)
     data = data_lib.DummyImages(net.input_size, net.in_channels, method.num_classes, batch)
     x = torch.stack([data.load(i)[0] for i in range(batch)]).to(device)

@@ -305,7 +305,8 @@ def reference_from_data(data_config, out_path, inception, limit=None, batch_size
     """mu/sigma of a dataset split with the training preprocessing (ADM crop), saved for reuse."""
     import dataset as data_lib
     cfg = config_lib.load_config(data_config)
-    net_shape = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
+    with torch.device("meta"):
+        net_shape = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
     data = data_lib.build_dataset(cfg.data, net_shape.input_size, net_shape.in_channels,
                                   config_lib.method_config(cfg).num_classes)
     n = min(len(data), limit or len(data))

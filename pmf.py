@@ -304,13 +304,6 @@ def _check_labels(y, cfg):
                          f"{y.max().item() if y.numel() else '-'}]")
 
 
-def check_batch(x, y, cfg):
-    """Validate a training batch at the edge: x (B, C, H, W), y (B,) integer labels in [0, num_classes]."""
-    if x.dim() != 4 or y.shape != (x.shape[0],):
-        raise ValueError(f"expected x (B, C, H, W) and y (B,); got {tuple(x.shape)} and {tuple(y.shape)}")
-    _check_labels(y, cfg)
-
-
 def predict(net, z, t, r, omega, t_min, t_max, y, cfg, heads="u"):
     """Velocities at (z, t, r): checked entry point. All conditioning (B,); returns a tuple of (B, C, H, W)."""
     if ((t < 0) | (t > 1)).any() or ((r < 0) | (r > 1)).any():

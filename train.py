@@ -229,6 +229,15 @@ def build_perceptual(cfg, method_cfg, device):
     return loss.to(device) if loss is not None else None
 
 
+def build_optimizer(cfg, net):
+    """Muon + Nesterov AdamW over the network's parameters, as `cfg.optim` says."""
+    o = cfg.optim
+    return optim_lib.MuonAdamW(optim_lib.partition(net, o.partition), lr=o.lr, momentum=o.momentum, eps=o.eps,
+                               weight_decay=o.weight_decay, adam_betas=o.adam_betas,
+                               adam_weight_decay=o.adam_weight_decay, adjust_lr=o.adjust_lr,
+                               ns_dtype=getattr(torch, o.ns_dtype))
+
+
 def train(cfg, resume=None):
     """Run (or continue) training as configured. Returns the final optimizer step."""
     # Mixed precision is handled here, not by Accelerate (see README); cpu=True lets torchrun and
@@ -246,11 +255,7 @@ def train(cfg, resume=None):
     with accelerator.main_process_first():
         data = data_lib.build_dataset(cfg.data, net.input_size, net.in_channels, method_cfg.num_classes)
     perceptual = build_perceptual(cfg, method_cfg, device)
-    o = cfg.optim
-    opt = optim_lib.MuonAdamW(optim_lib.partition(net, o.partition), lr=o.lr, momentum=o.momentum, eps=o.eps,
-                              weight_decay=o.weight_decay, adam_betas=o.adam_betas,
-                              adam_weight_decay=o.adam_weight_decay, adjust_lr=o.adjust_lr,
-                              ns_dtype=getattr(torch, o.ns_dtype))
+    opt = build_optimizer(cfg, net)
     ema = EMA(net, t.ema_half_lives_kimg, t.ema_rampup)
     fp16 = t.mixed_precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
