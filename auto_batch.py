@@ -95,26 +95,27 @@ def _child_main(args):
 # ---------------------------------------------------------------- the search (parent process)
 
 def measure(batch, args, budget):
-    """Run one trial in a child; returns (fits, peak bytes, step seconds). On CPU the child is
-    killed as soon as its polled resident memory exceeds the budget."""
+    """Run one trial in a child; returns (fits, peak bytes, step seconds). The decision uses the
+    child's own peak (CUDA allocated, or the kernel's resident high-water mark); on CPU the child
+    is also killed as soon as its polled memory exceeds the budget, so a trial never swaps."""
     import psutil
     cmd = [sys.executable, os.path.abspath(__file__), "--trial", str(batch), "--steps", str(args.steps),
            "--device", args.device, "--config", args.config, *args.overrides]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc, peak_rss, over = psutil.Process(child.pid), 0, False
-    while child.poll() is None:
-        try:
-            peak_rss = max(peak_rss, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
+    proc, peak_own, over = psutil.Process(child.pid), 0, False
+    while args.device == "cpu" and child.poll() is None:
+        try:  # unique set size: right after fork the child shares all of this process's pages
+            peak_own = max(peak_own, proc.memory_full_info().uss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             break
-        if args.device == "cpu" and peak_rss > budget:
+        if peak_own > budget:
             child.kill()
             over = True
             break
-        time.sleep(0.02)
+        time.sleep(0.05)
     out, err = child.communicate()
     if over:
-        return False, peak_rss, None
+        return False, peak_own, None
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         raise AutoBatchError(f"trial at batch {batch} crashed:\n{err.strip()[-2000:]}")

@@ -12,6 +12,7 @@ torch-fidelity's TF-ported Inception-v3 pool features against mu/sigma read from
 unbiased logits. An interrupted run resumes: existing PNGs are kept and only missing indices run.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -73,8 +74,10 @@ def sha256(path):
 # ---------------------------------------------------------------- generators
 
 def load_generator(path, ema="-1", model_name=None):
-    """An inference network (no v-head) and its PMFConfig from our checkpoint or an authors' file.
+    """(net, method, weights label, default (omega, t_min, t_max)) from our checkpoint or an authors' file.
 
+    net is an inference build (no v-head); method its PMFConfig. Default sampling settings: the
+    checkpoint's own `sampling` config, or the port's recommendation for a release file's preset.
     ema: "raw" or an EMA index (our checkpoints); model_name: the preset of an authors' file.
     """
     if not os.path.isfile(path):
@@ -84,6 +87,7 @@ def load_generator(path, ema="-1", model_name=None):
         cfg = config_lib.from_dict(state["config"])
         name, overrides = cfg.model.name, config_lib.model_overrides(cfg)
         method = config_lib.method_config(cfg)
+        sampling = (cfg.sampling.omega, cfg.sampling.t_min, cfg.sampling.t_max)
         if model_name is not None and model_name != name:
             raise EvalError(f"{path} was trained as {name}, not {model_name}")
         if ema == "raw":
@@ -96,13 +100,13 @@ def load_generator(path, ema="-1", model_name=None):
         if model_name is None:
             raise EvalError(f"{path} is a plain state dict (authors' release); pass --model pMF-B/16 (or its preset)")
         name, overrides, weights, which = model_name, {}, state, "release file"
-        method = pmf.PMFConfig.for_preset(name)
+        method, sampling = pmf.PMFConfig.for_preset(name), RECOMMENDED[name]
     net = model_lib.build_model(name, **overrides, with_v_head=False)
     try:
         model_lib.load_weights(net, weights, source=path)
     except ValueError as err:
         raise EvalError(str(err)) from None
-    return net.eval(), method, name, which
+    return net.eval(), method, which, sampling
 
 
 def class_labels(indices, n, num_classes):
@@ -376,7 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", default="-1", help="EMA index of our checkpoint (-1 = longest) or 'raw'")
     p.add_argument("--num-samples", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--omega", type=float, default=None, help="CFG scale (default: recommended for the preset)")
+    p.add_argument("--omega", type=float, default=None,
+                   help="CFG scale (default: the checkpoint's sampling config, or the recommendation for a release file)")
     p.add_argument("--t-min", type=float, default=None)
     p.add_argument("--t-max", type=float, default=None)
     p.add_argument("--steps", type=int, default=1, help="network evaluations per sample")
@@ -397,8 +402,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _defaults(args, name, method):
-    omega, t_min, t_max = RECOMMENDED.get(name, (1.0, 0.0, 1.0))
+def _defaults(args, sampling):
+    omega, t_min, t_max = sampling
     return (args.omega if args.omega is not None else omega, args.t_min if args.t_min is not None else t_min,
             args.t_max if args.t_max is not None else t_max)
 
@@ -423,10 +428,10 @@ def main(argv=None):
         emas = args.sweep_ema.split(",") if args.sweep_ema else [args.ema]
         runs = []
         for ema in emas:
-            net, method, name, label = load_generator(args.ckpt, ema, args.model)
+            net, method, label, sampling = load_generator(args.ckpt, ema, args.model)
             if args.noise_scale is not None:
-                method = pmf.PMFConfig(**{**method.__dict__, "noise_scale": args.noise_scale})
-            omega, t_min, t_max = _defaults(args, name, method)
+                method = dataclasses.replace(method, noise_scale=args.noise_scale)
+            omega, t_min, t_max = _defaults(args, sampling)
             omegas = parse_floats(args.sweep_omega) or [omega]
             intervals = parse_intervals(args.sweep_interval) or [(t_min, t_max)]
             n = args.sweep_samples if len(emas) * len(omegas) * len(intervals) > 1 else args.num_samples
@@ -440,7 +445,7 @@ def main(argv=None):
         if args.then_full and len(runs) > 1:
             best = [min(runs, key=lambda r: r[4].get("fid", math.inf)) if state.is_main_process else None]
             ema, w, lo, hi, _ = broadcast_object_list(best)[0]
-            net, method, name, label = load_generator(args.ckpt, ema, args.model)
+            net, method, label, _ = load_generator(args.ckpt, ema, args.model)
             out = os.path.join(base_dir, _run_name(label, w, lo, hi, args.steps, args.num_samples))
             result = evaluate(args, net, method, label, w, lo, hi, args.num_samples, out, state, inception, reference)
             if state.is_main_process:

@@ -135,8 +135,9 @@ def test_authors_release_layout_samples_and_a_wrong_preset_names_the_tensor(tmp_
                  num_heads=12, head_depth=8)
     state, _ = _official_state_dict(shape)
     torch.save({k: v * 0.1 for k, v in state.items()}, tmp_path / "pMF-B-16.pt")
-    net, method, name, which = ev.load_generator(str(tmp_path / "pMF-B-16.pt"), model_name="pMF-B/16")
+    net, method, which, sampling = ev.load_generator(str(tmp_path / "pMF-B-16.pt"), model_name="pMF-B/16")
     assert which == "release file" and method.noise_scale == 1.0 and not net.has_v_head
+    assert sampling == ev.RECOMMENDED["pMF-B/16"]
     ev.generate(net, method, str(tmp_path / "out"), ev.missing_indices(str(tmp_path / "out"), 2), 2, 2,
                 *ev.RECOMMENDED["pMF-B/16"], 1, 42)
     assert len(_pngs(tmp_path / "out")) == 2
