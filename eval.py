@@ -216,11 +216,13 @@ def feature_stats(features):
 def inception_score(logits, splits=IS_SPLITS, seed=IS_SHUFFLE_SEED):
     """IS on unbiased logits, torch-fidelity's way: shuffle with a fixed seed, mean/std over splits."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
-    logits = logits[torch.randperm(len(logits), generator=torch.Generator().manual_seed(seed))]
+    logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(len(logits)))]
     p = logits.softmax(1)
     log_p = logits.log_softmax(1)
     scores = []
-    for part, log_part in zip(p.chunk(splits), log_p.chunk(splits)):
+    bounds = [i * len(p) // splits for i in range(splits + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        part, log_part = p[lo:hi], log_p[lo:hi]
         marginal = part.mean(0, keepdim=True)
         kl = (part * (log_part - marginal.log())).sum(1).mean()
         scores.append(kl.exp().item())

@@ -32,16 +32,21 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-repeats", type=int, default=1)
+    parser.add_argument("--ns-dtypes", default="float32,bfloat16", help="Newton-Schulz precisions to time")
     args = parser.parse_args()
 
     net = model_lib.build_model(args.model)
+    print(f"{args.model}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}", flush=True)
     for p in net.parameters():
         p.grad = torch.randn_like(p)
     rows = []
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name in args.ns_dtypes.split(","):
+        dtype = getattr(torch, name)
         opt = optimizer.MuonAdamW(optimizer.partition(net), ns_dtype=dtype)
         opt.step()  # creates the state
         rows.append((f"optimizer step, NS {name}", timed(opt.step, args.repeats)))
+        print(f"{rows[-1][0]:32s} {rows[-1][1]:10.2f} s", flush=True)
 
     cfg = pmf.PMFConfig.for_preset(args.model)
     x = torch.rand(args.batch, 3, net.input_size, net.input_size) * 2 - 1
@@ -53,8 +58,6 @@ def main():
         loss.backward()
 
     step = timed(train_step, args.train_repeats)
-    print(f"{args.model}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}")
     print(f"{'what':32s} {'median s':>10s} {'share of a training step':>26s}")
     print(f"{'pMF loss + backward':32s} {step:10.2f}")
     for what, seconds in rows:

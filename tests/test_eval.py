@@ -145,3 +145,22 @@ def test_authors_release_layout_samples_and_a_wrong_preset_names_the_tensor(tmp_
         ev.load_generator(str(tmp_path / "pMF-B-16.pt"), model_name="pMF-L/16")
     with pytest.raises(ev.EvalError, match="pass --model"):
         ev.load_generator(str(tmp_path / "pMF-B-16.pt"))
+
+
+def test_inception_score_matches_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    logits = torch.randn(500, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    ours = ev.inception_score(logits.numpy())
+    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    assert ours[0] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
+    assert ours[1] == pytest.approx(theirs["inception_score_std"], rel=1e-5)
+
+
+def test_sweep_runs_every_setting_then_the_full_run(tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path)
+    ev.main(["--ckpt", ckpt, "--no-metrics", "--sweep-omega", "1.5,3", "--sweep-interval", "0-1,0.2-0.8",
+             "--sweep-samples", "4", "--num-samples", "6", "--then-full", "--out-dir", str(tmp_path / "sweep")])
+    runs = sorted(os.listdir(tmp_path / "sweep"))
+    assert len(runs) == 5 and sum(r.endswith("-n4") for r in runs) == 4 and sum(r.endswith("-n6") for r in runs) == 1
+    table = capsys.readouterr().out
+    assert table.count("ema 0.05 kimg") == 5
