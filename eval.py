@@ -160,7 +160,6 @@ def generate(net, method, out_dir, todo, n, batch_size, omega, t_min, t_max, ste
         x = pmf.sample(net, noise, labels, omega, t_min, t_max, method, steps=steps)
         for i, image in zip(chunk, to_uint8(x)):
             save_png(png_path(out_dir, i), image)
-    return len(todo)
 
 
 def load_pngs(out_dir, n):
@@ -335,8 +334,8 @@ def evaluate(args, net, method, ema_label, omega, t_min, t_max, n, out_dir, stat
     todo = missing_indices(out_dir, n)
     state.wait_for_everyone()  # every rank sees the same list before anyone writes
     start = time.perf_counter()
-    done = generate(net, method, out_dir, todo[state.process_index::state.num_processes], n, args.batch_size,
-                    omega, t_min, t_max, args.steps, args.seed, state.device)
+    generate(net, method, out_dir, todo[state.process_index::state.num_processes], n, args.batch_size,
+             omega, t_min, t_max, args.steps, args.seed, state.device)
     state.wait_for_everyone()
     done = len(todo)
     gen_seconds = time.perf_counter() - start

@@ -62,9 +62,12 @@ class EMA:
             beta = 0.5 ** (images_per_step / max(half, 1e-8))
             torch._foreach_lerp_(ema, current, 1 - beta)
 
+    def state_dict(self, index):
+        """EMA `index` as {name: tensor}, loadable with model.load_weights."""
+        return {n: p.cpu() for n, p in zip(self.names, self.params[index])}
+
     def state_dicts(self):
-        """One {name: tensor} per EMA, loadable with model.load_weights."""
-        return [{n: p.cpu() for n, p in zip(self.names, ema)} for ema in self.params]
+        return [self.state_dict(i) for i in range(len(self.params))]
 
     def load_state_dicts(self, dicts):
         for ema, saved in zip(self.params, dicts):
@@ -354,7 +357,7 @@ def train(cfg, resume=None):
         if step % cfg.logging.sample_every == 0 or step == total:
             if accelerator.is_main_process:
                 path = os.path.join(cfg.logging.out_dir, f"samples-{step:08d}.png")
-                rows = save_samples(path, ema.state_dicts()[cfg.sampling.ema], cfg, method_cfg, device)
+                rows = save_samples(path, ema.state_dict(cfg.sampling.ema), cfg, method_cfg, device)
                 log.message(f"wrote {path} (grid rows are classes {rows})")
         stopping = bool(accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item())
         if step % cfg.logging.ckpt_every == 0 or step == total or stopping:
