@@ -123,6 +123,7 @@ CHOICES = {
     "model.name": sorted(model_lib.PRESETS),
     "method.class_dropout_mode": list(pmf.DROPOUT_MODES),
     "method.prediction": list(pmf.PREDICTIONS),
+    "method.jvp": list(pmf.JVP_PATHS),
     "optim.partition": ["official", "keller"],
     "optim.adjust_lr": ["original", "match_rms_adamw"],
     "optim.ns_dtype": ["float32", "bfloat16"],

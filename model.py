@@ -6,6 +6,13 @@ the loss: the conversion of its outputs to velocities, with clip(t, 0.05, 1), li
 Token sequence (§4.2): [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N].
 A shared trunk of depth - head_depth blocks feeds a u-head and (for training) a v-head of
 head_depth blocks each; each head has its own final layer.
+
+Single-pass tangent (forward-mode derivative without autograd). Every submodule's forward takes
+an optional tangent of its input and returns (output, output tangent or None). The tangent is
+computed under no-grad from the primal's detached intermediates, so it builds no graph, while the
+primal keeps its autograd graph and its fused attention kernel. PMFDiT.forward(..., tangent=(dz,
+dh)) thus returns the u-head's directional derivative along (dz, dh) next to the outputs; it
+equals torch.func.jvp through the explicit-attention forward (tests/test_tangent.py).
 """
 import math
 import re
@@ -29,6 +36,14 @@ BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (§4.6)
 ATTENTION_IMPLS = ("sdpa", "explicit")
 
 
+def _linear_tangent(layer, dx):
+    """Tangent of a linear layer: W dx (the bias is constant). No-grad; None passes through."""
+    if dx is None:
+        return None
+    with torch.no_grad():
+        return F.linear(dx, layer.weight)
+
+
 def _normal_linear(module, gain):
     nn.init.normal_(module.weight, std=gain / math.sqrt(module.in_features))
     if module.bias is not None:
@@ -43,8 +58,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x, dx=None):
+        """x: (..., dim) -> (y, dy); dy = w r (dx - x r^2 mean(x dx)), r = rsqrt(mean(x^2) + eps)."""
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = x * inv * self.weight
+        if dx is None:
+            return y, None
+        with torch.no_grad():
+            x, inv = x.detach(), inv.detach()
+            return y, (dx - x * inv.square() * (x * dx).mean(-1, keepdim=True)) * inv * self.weight
 
 
 class ScalarEmbedder(nn.Module):
@@ -58,14 +80,22 @@ class ScalarEmbedder(nn.Module):
         _normal_linear(self.fc1, 1.0)
         _normal_linear(self.fc2, 1.0)
 
-    def forward(self, s):
-        """s: (B,) -> (B, D)."""
+    def forward(self, s, ds=None):
+        """s, ds: (B,) -> (B, D) embedding and its tangent (None without ds)."""
         half = self.freq_dim // 2
         dtype = torch.promote_types(s.dtype, torch.float32)
         k = torch.arange(half, device=s.device, dtype=dtype)
-        args = s.to(dtype)[:, None] * torch.exp(-math.log(10000.0) * k / half)[None]
+        rates = torch.exp(-math.log(10000.0) * k / half)[None]
+        args = s.to(dtype)[:, None] * rates
         freqs = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.fc2(F.silu(self.fc1(freqs.to(self.fc1.weight.dtype))))
+        hidden = self.fc1(freqs.to(self.fc1.weight.dtype))
+        out = self.fc2(F.silu(hidden))
+        if ds is None:
+            return out, None
+        with torch.no_grad():
+            d_freqs = torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * (rates * ds.to(dtype)[:, None]).repeat(1, 2)
+            d_hidden = _linear_tangent(self.fc1, d_freqs.to(self.fc1.weight.dtype))
+            return out, _linear_tangent(self.fc2, _silu_derivative(hidden.detach()) * d_hidden)
 
 
 class PatchEmbed(nn.Module):
@@ -81,9 +111,14 @@ class PatchEmbed(nn.Module):
             nn.init.uniform_(conv.weight, -limit, limit)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x):
-        """x: (B, C, H, W) -> (B, N, D), patches in row-major grid order."""
-        return self.conv2(self.conv1(x)).flatten(2).transpose(1, 2)
+    def forward(self, x, dx=None):
+        """x, dx: (B, C, H, W) -> (B, N, D) tokens in row-major grid order, and their tangent."""
+        out = self.conv2(self.conv1(x)).flatten(2).transpose(1, 2)
+        if dx is None:
+            return out, None
+        with torch.no_grad():  # the convolutions are linear: the tangent drops the biases
+            d_out = F.conv2d(F.conv2d(dx, self.conv1.weight, stride=self.conv1.stride), self.conv2.weight)
+            return out, d_out.flatten(2).transpose(1, 2)
 
 
 def rope_tables(grid, head_dim, dtype, device, theta=10000.0):
@@ -116,6 +151,28 @@ def apply_rope(x, rope):
     return torch.cat([prefix, rotated.flatten(-2).to(x.dtype)], dim=1)
 
 
+def _silu_derivative(a):
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def attention_tangent(q, k, v, dq, dk, dv):
+    """Tangent of softmax(q k^T / sqrt(d)) v by the softmax-JVP identity; all (B, heads, L, head_dim).
+
+    dS = (dq k^T + q dk^T) / sqrt(d), dP = P * (dS - rowsum(P * dS)), dO = dP v + P dv; the
+    weights P are recomputed from the detached q, k with the explicit path's fp32 softmax.
+    """
+    with torch.no_grad():
+        q, k, v = q.detach(), k.detach(), v.detach()
+        scale = 1 / math.sqrt(q.shape[-1])
+        logits = (q * scale) @ k.transpose(-2, -1)
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        weights = torch.softmax(logits, dim=-1, dtype=wide)
+        d_logits = ((dq * scale) @ k.transpose(-2, -1) + (q * scale) @ dk.transpose(-2, -1)).to(wide)
+        d_weights = weights * (d_logits - (weights * d_logits).sum(-1, keepdim=True))
+        return d_weights.to(v.dtype) @ v + weights.to(dv.dtype) @ dv
+
+
 def attention(q, k, v, impl):
     """Softmax attention, q, k, v: (B, heads, L, head_dim), scale 1/sqrt(head_dim).
 
@@ -142,13 +199,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
 
-    def forward(self, x, rope, impl):
-        """x: (B, L, D) -> (B, L, D)."""
-        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)) for proj in (self.q, self.k, self.v))
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
+    def forward(self, x, rope, impl, dx=None):
+        """x, dx: (B, L, D) -> (B, L, D) output and its tangent (None without dx)."""
+        def heads(a):  # (B, L, D) -> (B, heads, L, head_dim)
+            return a.unflatten(-1, (self.num_heads, -1))
+
+        q, k, v = (heads(proj(x)) for proj in (self.q, self.k, self.v))
+        q, dq = self.q_norm(q, None if dx is None else heads(_linear_tangent(self.q, dx)))
+        k, dk = self.k_norm(k, None if dx is None else heads(_linear_tangent(self.k, dx)))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)
-        return self.out(o.transpose(1, 2).flatten(2))
+        out = self.out(o.transpose(1, 2).flatten(2))
+        if dx is None:
+            return out, None
+        with torch.no_grad():  # RoPE is linear in q, k
+            dq, dk, dv = apply_rope(dq, rope), apply_rope(dk, rope), heads(_linear_tangent(self.v, dx))
+            do = attention_tangent(*(a.transpose(1, 2) for a in (q, k, v, dq, dk, dv)))
+            return out, _linear_tangent(self.out, do.transpose(1, 2).flatten(2))
 
 
 def swiglu_hidden(hidden_size):
@@ -169,8 +236,25 @@ class SwiGLU(nn.Module):
         for lin in (self.w1, self.w2, self.w3):
             _normal_linear(lin, BLOCK_INIT)
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x, dx=None):
+        """x, dx: (..., D) -> output and its tangent (None without dx)."""
+        gate, value = self.w1(x), self.w3(x)
+        out = self.w2(F.silu(gate) * value)
+        if dx is None:
+            return out, None
+        with torch.no_grad():
+            gate, value = gate.detach(), value.detach()
+            d_hidden = (_silu_derivative(gate) * _linear_tangent(self.w1, dx) * value
+                        + F.silu(gate) * _linear_tangent(self.w3, dx))
+            return out, _linear_tangent(self.w2, d_hidden)
+
+
+def _gated_tangent(dx, gate, d_branch):
+    """Tangent of x + gate * branch(x): dx + gate * d_branch (None without a tangent)."""
+    if dx is None:
+        return None
+    with torch.no_grad():
+        return dx + gate * d_branch
 
 
 class Block(nn.Module):
@@ -185,9 +269,14 @@ class Block(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(hidden_size))
         self.mlp_gate = nn.Parameter(torch.zeros(hidden_size))
 
-    def forward(self, x, rope, impl):
-        x = x + self.attn_gate * self.attn(self.norm1(x), rope, impl)
-        return x + self.mlp_gate * self.mlp(self.norm2(x))
+    def forward(self, x, rope, impl, dx=None):
+        """x, dx: (B, L, D) -> (x, dx) after the block (dx None without a tangent)."""
+        normed, d_normed = self.norm1(x, dx)
+        a, da = self.attn(normed, rope, impl, d_normed)
+        x = x + self.attn_gate * a
+        dx = _gated_tangent(dx, self.attn_gate, da)
+        m, dm = self.mlp(*self.norm2(x, dx))
+        return x + self.mlp_gate * m, _gated_tangent(dx, self.mlp_gate, dm)
 
 
 class FinalLayer(nn.Module):
@@ -200,8 +289,9 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x):
-        return self.linear(self.norm(x))
+    def forward(self, x, dx=None):
+        normed, d_normed = self.norm(x, dx)
+        return self.linear(normed), _linear_tangent(self.linear, d_normed)
 
 
 class PMFDiT(nn.Module):
@@ -255,17 +345,26 @@ class PMFDiT(nn.Module):
         if not set(heads) <= {"u", "v"} or not heads:
             raise ValueError(f"heads must be a non-empty combination of 'u' and 'v', got {heads!r}")
 
-    def _sequence(self, z, h, omega, t_min, t_max, y):
+    def _sequence(self, z, h, omega, t_min, t_max, y, dz=None, dh=None):
+        """Tokens (B, L, D) and, given (dz, dh), their tangent (only the time and patch tokens move)."""
         b = z.shape[0]
+        time, d_time = self.h_embedder(h, dh)  # only h = t - r is embedded; no t token
         conds = {
             "class": self.label_embed(y),
-            "omega": self.omega_embedder(1 - 1 / omega),  # the network embeds 1 - 1/omega (§4.2)
-            "t_min": self.t_min_embedder(t_min),
-            "t_max": self.t_max_embedder(t_max),
-            "time": self.h_embedder(h),  # only h = t - r is embedded; no t token
+            "omega": self.omega_embedder(1 - 1 / omega)[0],  # the network embeds 1 - 1/omega (§4.2)
+            "t_min": self.t_min_embedder(t_min)[0],
+            "t_max": self.t_max_embedder(t_max)[0],
+            "time": time,
         }
         prefix = [getattr(self, f"{g}_tokens").expand(b, -1, -1) + conds[g][:, None] for g in PREFIX_TOKENS]
-        return torch.cat(prefix + [self.patch_embed(z)], dim=1) + self.pos_embed
+        patches, d_patches = self.patch_embed(z, dz)
+        x = torch.cat(prefix + [patches], dim=1) + self.pos_embed
+        if dz is None:
+            return x, None
+        with torch.no_grad():
+            d_prefix = torch.zeros(b, self.num_prefix, x.shape[-1], dtype=x.dtype, device=x.device)
+            d_prefix[:, -PREFIX_TOKENS["time"]:] = d_time[:, None]
+            return x, torch.cat([d_prefix, d_patches.to(x.dtype)], dim=1)
 
     def _unpatchify(self, tokens):
         """(B, N, p*p*C) -> (B, C, H, W)."""
@@ -273,26 +372,37 @@ class PMFDiT(nn.Module):
         x = tokens.reshape(tokens.shape[0], g, g, p, p, self.in_channels)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], self.in_channels, g * p, g * p)
 
-    def _head(self, blocks, final, x, rope, attn):
+    def _head(self, blocks, final, x, rope, attn, dx=None):
         for block in blocks:
-            x = block(x, rope, attn)
-        return self._unpatchify(final(x[:, self.num_prefix:]))
+            x, dx = block(x, rope, attn, dx)
+        out, d_out = final(x[:, self.num_prefix:], None if dx is None else dx[:, self.num_prefix:])
+        return self._unpatchify(out), None if d_out is None else self._unpatchify(d_out)
 
-    def forward(self, z, h, omega, t_min, t_max, y, heads="uv", attn="sdpa"):
+    def forward(self, z, h, omega, t_min, t_max, y, heads="uv", attn="sdpa", tangent=None):
         """Returns a tuple with one (B, C, H, W) output per letter of `heads` ("u", "v" or "uv").
 
         attn: "sdpa" (fused) or "explicit" (forward-mode-AD capable, fp32 softmax).
+        tangent: None, or (dz, dh) with shapes of (z, h); then returns (outputs, d_u), d_u being
+        the u-head output's derivative along (dz, dh) (the other inputs held fixed), computed
+        alongside the primal without autograd (module docstring).
         """
         self._check_inputs(z, h, y, heads)
         if attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {attn!r}")
+        if tangent is not None and "u" not in heads:
+            raise ValueError("a tangent is propagated through the u-head; include 'u' in heads")
         rope_dtype = torch.promote_types(z.dtype, torch.float32)
         rope = rope_tables(self.grid, self.head_dim, rope_dtype, z.device)
-        x = self._sequence(z, h, omega, t_min, t_max, y)
+        x, dx = self._sequence(z, h, omega, t_min, t_max, y, *(tangent or (None, None)))
         for block in self.trunk:
-            x = block(x, rope, attn)
+            x, dx = block(x, rope, attn, dx)
         branches = {"u": (self.u_head, self.u_final), "v": (self.v_head, self.v_final)}
-        return tuple(self._head(*branches[name], x, rope, attn) for name in heads)
+        outs, d_u = [], None
+        for name in heads:
+            out, d_out = self._head(*branches[name], x, rope, attn, dx if name == "u" else None)
+            outs.append(out)
+            d_u = d_out if name == "u" else d_u
+        return tuple(outs) if tangent is None else (tuple(outs), d_u)
 
 
 def _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,

@@ -4,11 +4,12 @@ Conventions (§1): x in [-1, 1], t = 1 is noise, z_t = (1 - t) x + t e with e = 
 c(t) = clip(t, 0.05, 1). The network sees h = t - r only; t enters through 1/c(t) in the
 conversion of its x-prediction to velocities: u = (z - x_u) / c(t), v = (z - x_v) / c(t).
 
-The training step follows the official JAX step ([M] `pixelMeanFlow.forward`) with one exact
-change of schedule: du/dt is a stop-gradient quantity, so it is computed by a no-grad
-forward-mode JVP on the unwrapped network, and the gradient comes from one ordinary forward
-through the (possibly DDP-wrapped) network. Both see the same inputs, so the gradient equals
-the single-pass gradient (§10.2), and DDP all-reduces it as usual.
+The training step follows the official JAX step ([M] `pixelMeanFlow.forward`) with an exact
+change of schedule: du/dt is a stop-gradient quantity, so nothing differentiates it.
+`jvp="fast"` (default) propagates its tangent beside the primal of the one grad-mode forward
+through the (possibly DDP-wrapped) network, without autograd (model.py, "single-pass tangent");
+`jvp="simple"` takes a no-grad torch.func.jvp on the unwrapped network, then runs an ordinary
+grad forward (§10.2). Both give the single-pass gradient, and DDP all-reduces it as usual.
 """
 from dataclasses import dataclass, fields
 
@@ -27,6 +28,7 @@ RECIPES = {
 }
 DROPOUT_MODES = ("prefix", "per_sample")
 PREDICTIONS = ("x", "u")
+JVP_PATHS = ("fast", "simple")
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,15 @@ class PMFConfig:
     convnext_weight: float = 0.1
     prediction: str = "x"       # "x" (paper) or "u" (Table 2 ablation)
     t_buckets: int = 4          # metrics: raw u-MSE per equal-width t bucket
+    jvp: str = "fast"           # du/dt by the single-pass tangent, or "simple" (torch.func.jvp pass)
 
     def __post_init__(self):
         if self.class_dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"class_dropout_mode must be one of {DROPOUT_MODES}, got {self.class_dropout_mode!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.jvp not in JVP_PATHS:
+            raise ValueError(f"jvp must be one of {JVP_PATHS}, got {self.jvp!r}")
         for name in ("data_proportion", "class_dropout", "tr_uniform", "t_clip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -212,6 +217,27 @@ def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
         return torch.func.jvp(u_of, primals, tangents)[1]
 
 
+def velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg):
+    """(u, v, du/dt) from one grad-mode forward of the (possibly DDP-wrapped) network.
+
+    du/dt is `du_dt_jvp`'s quantity (along (tangent, 1, 0), stop-gradient), carried beside the
+    primal by the model's single-pass tangent; the x -> u conversion u = (z - x_u) / c(t) adds
+    du/dt = (tangent - dx_u/dt - u c'(t)) / c(t), c' = 1 strictly inside (t_clip, 1) and 0 on
+    and outside the bounds, as torch's clamp derivative (JAX's would give 1/2 exactly on a bound,
+    a probability-zero event). u and v carry autograd; du/dt does not.
+    """
+    ones = torch.ones_like(t)
+    outs, d_out = net(z, t - r, omega, t_min, t_max, y, heads="uv", tangent=(tangent, ones))
+    if cfg.prediction == "u":
+        return outs[0], outs[1], _fp32_or_wider(d_out)
+    c = _col(t.clamp(cfg.t_clip, 1.0))
+    u, v = ((z - out) / c for out in outs)
+    with torch.no_grad():
+        dc_dt = _col(((t > cfg.t_clip) & (t < 1.0)).to(c.dtype))
+        du_dt = (_fp32_or_wider(tangent) - d_out - u * dc_dt) / c
+    return u, v, du_dt
+
+
 def adaptive_weight(loss, cfg):
     """A(L) = L / sg((L + eps)^p), applied to each per-sample term separately (§2.1 step 12)."""
     return loss / (loss + cfg.norm_eps).pow(cfg.norm_p).detach()
@@ -245,8 +271,11 @@ def pmf_loss(net, x, y, draws, cfg, perceptual=None):
     v_g = torch.where(drop, v_t, v_g)
     tangent = v_c if cfg.class_dropout_mode == "prefix" else torch.where(drop, v_u, v_c)
 
-    du_dt = du_dt_jvp(model, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
-    u, v = velocities(net, z, t, t - r, omega, t_min, t_max, y_in, cfg, heads="uv")
+    if cfg.jvp == "fast":
+        u, v, du_dt = velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
+    else:
+        du_dt = du_dt_jvp(model, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
+        u, v = velocities(net, z, t, t - r, omega, t_min, t_max, y_in, cfg, heads="uv")
     V = u + _col(t - r) * du_dt                                     # compound velocity, sg(du/dt)
 
     sq_u = _per_sample_sq(V, v_g)

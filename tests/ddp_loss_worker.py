@@ -1,7 +1,8 @@
 """Run by test_ddp.py under torchrun (2 processes, gloo): one pMF loss backward through DDP.
 
 Each rank takes its half of a fixed batch with its own draws (seeded by rank, as per-rank RNG
-streams in training) and rank 0 saves the all-reduced gradients to argv[1].
+streams in training) and rank 0 saves the all-reduced gradients to argv[1]; argv[2] is the du/dt
+path (pmf.JVP_PATHS).
 """
 import os
 import sys
@@ -16,11 +17,11 @@ from conftest import batch, tiny_cfg, tiny_model  # noqa: E402
 import pmf  # noqa: E402
 
 
-def main(out_path):
+def main(out_path, jvp):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     net = DDP(tiny_model())
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(jvp=jvp)
     x, y = batch(8)
     x, y = x.chunk(world)[rank], y.chunk(world)[rank]
     draws = pmf.sample_draws(cfg, x, torch.Generator().manual_seed(100 + rank))
@@ -33,4 +34,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

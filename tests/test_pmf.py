@@ -205,10 +205,11 @@ class _Stub(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, z, h, omega, t_min, t_max, y, heads="uv", attn="sdpa"):
+    def forward(self, z, h, omega, t_min, t_max, y, heads="uv", attn="sdpa", tangent=None):
         self.calls.append(dict(n=len(z), h=h, omega=omega, t_min=t_min, t_max=t_max, y=y, heads=heads))
         out = 0.5 * z + _col(y.to(z.dtype) + 10 * omega)
-        return tuple(out for _ in heads)
+        outs = tuple(out for _ in heads)
+        return outs if tangent is None else (outs, 0.5 * tangent[0])
 
 
 def test_guided_target_on_hand_made_inputs():
