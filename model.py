@@ -12,10 +12,13 @@ an optional tangent of its input and returns (output, output tangent or None). T
 computed under no-grad from the primal's detached intermediates, so it builds no graph, while the
 primal keeps its autograd graph and its fused attention kernel. PMFDiT.forward(..., tangent=(dz,
 dh)) thus returns the u-head's directional derivative along (dz, dh) next to the outputs; it
-equals torch.func.jvp through the explicit-attention forward (tests/test_tangent.py).
+equals torch.func.jvp through the explicit-attention forward (tests/test_tangent.py). A tangent
+may cover only the last n rows of the batch (pMF needs none on its r = t rows); the primal's
+intermediates are then sliced to those rows.
 """
 import math
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -36,11 +39,28 @@ BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (§4.6)
 ATTENTION_IMPLS = ("sdpa", "explicit")
 
 
+@contextmanager
+def _tangent_mode(like):
+    """No-grad region for tangent code. Under fp16 autocast it also turns autocast off, so the
+    tangent runs in fp32 from the fp16 intermediates (fp16's range is too narrow for du/dt,
+    reference §10.5); under bf16 it keeps the primal's precision."""
+    device = like.device.type
+    enabled = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled and dtype != torch.float16):
+        yield
+
+
+def _rows(a, dx):
+    """The detached primal intermediate `a` restricted to the rows the tangent dx covers (the last ones)."""
+    return a.detach()[a.shape[0] - dx.shape[0]:]
+
+
 def _linear_tangent(layer, dx):
     """Tangent of a linear layer: W dx (the bias is constant). No-grad; None passes through."""
     if dx is None:
         return None
-    with torch.no_grad():
+    with _tangent_mode(dx):
         return F.linear(dx, layer.weight)
 
 
@@ -59,14 +79,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x, dx=None):
-        """x: (..., dim) -> (y, dy); dy = w r (dx - x r^2 mean(x dx)), r = rsqrt(mean(x^2) + eps)."""
+        """x: (..., dim) -> (y, dy); dy = w r dx - y r^2 mean(x dx), r = rsqrt(mean(x^2) + eps)."""
         inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         y = x * inv * self.weight
         if dx is None:
             return y, None
-        with torch.no_grad():
-            x, inv = x.detach(), inv.detach()
-            return y, (dx - x * inv.square() * (x * dx).mean(-1, keepdim=True)) * inv * self.weight
+        with _tangent_mode(dx):
+            x, inv = _rows(x, dx), _rows(inv, dx)
+            slope = inv.square() * (x * dx).mean(-1, keepdim=True)
+            return y, (dx * self.weight).mul_(inv).addcmul_(_rows(y, dx), slope, value=-1)
 
 
 class ScalarEmbedder(nn.Module):
@@ -92,10 +113,11 @@ class ScalarEmbedder(nn.Module):
         out = self.fc2(F.silu(hidden))
         if ds is None:
             return out, None
-        with torch.no_grad():
+        with _tangent_mode(ds):
+            args = _rows(args, ds)
             d_freqs = torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * (rates * ds.to(dtype)[:, None]).repeat(1, 2)
             d_hidden = _linear_tangent(self.fc1, d_freqs.to(self.fc1.weight.dtype))
-            return out, _linear_tangent(self.fc2, _silu_derivative(hidden.detach()) * d_hidden)
+            return out, _linear_tangent(self.fc2, _silu_tangent(_rows(hidden, ds), d_hidden))
 
 
 class PatchEmbed(nn.Module):
@@ -116,7 +138,7 @@ class PatchEmbed(nn.Module):
         out = self.conv2(self.conv1(x)).flatten(2).transpose(1, 2)
         if dx is None:
             return out, None
-        with torch.no_grad():  # the convolutions are linear: the tangent drops the biases
+        with _tangent_mode(dx):  # the convolutions are linear: the tangent drops the biases
             d_out = F.conv2d(F.conv2d(dx, self.conv1.weight, stride=self.conv1.stride), self.conv2.weight)
             return out, d_out.flatten(2).transpose(1, 2)
 
@@ -151,26 +173,30 @@ def apply_rope(x, rope):
     return torch.cat([prefix, rotated.flatten(-2).to(x.dtype)], dim=1)
 
 
-def _silu_derivative(a):
-    s = torch.sigmoid(a)
-    return s * (1 + a * (1 - s))
+def _silu_tangent(a, da):
+    """silu'(a) da in one fused kernel (silu's backward formula is its derivative times da)."""
+    return torch.ops.aten.silu_backward(da, a.to(da.dtype))
 
 
-def attention_tangent(q, k, v, dq, dk, dv):
-    """Tangent of softmax(q k^T / sqrt(d)) v by the softmax-JVP identity; all (B, heads, L, head_dim).
+def attention_tangent(q, k, v, o, dq, dk, dv):
+    """Tangent of o = softmax(q k^T / sqrt(d)) v by the softmax-JVP identity; all (B, heads, L, head_dim).
 
-    dS = (dq k^T + q dk^T) / sqrt(d), dP = P * (dS - rowsum(P * dS)), dO = dP v + P dv; the
-    weights P are recomputed from the detached q, k with the explicit path's fp32 softmax.
+    dS = (dq k^T + q dk^T) / sqrt(d) (one product of [dq, q] and [k, dk]), and with P * dS:
+    dO = (P * dS) v - rowsum(P * dS) o + P dv. The weights P are recomputed from the detached
+    q, k with the explicit path's fp32 softmax; o is the primal's output.
     """
-    with torch.no_grad():
-        q, k, v = q.detach(), k.detach(), v.detach()
+    with _tangent_mode(dq):
+        q, k, v, o = (_rows(a, dq) for a in (q, k, v, o))
         scale = 1 / math.sqrt(q.shape[-1])
-        logits = (q * scale) @ k.transpose(-2, -1)
+        q = q * scale
+        logits = q @ k.transpose(-2, -1)
         wide = torch.promote_types(logits.dtype, torch.float32)
         weights = torch.softmax(logits, dim=-1, dtype=wide)
-        d_logits = ((dq * scale) @ k.transpose(-2, -1) + (q * scale) @ dk.transpose(-2, -1)).to(wide)
-        d_weights = weights * (d_logits - (weights * d_logits).sum(-1, keepdim=True))
-        return d_weights.to(v.dtype) @ v + weights.to(dv.dtype) @ dv
+        d_logits = torch.cat([dq.to(q.dtype) * scale, q], -1) @ torch.cat([k, dk.to(k.dtype)], -1).transpose(-2, -1)
+        weighted = d_logits.to(wide).mul_(weights)
+        work = torch.promote_types(v.dtype, dv.dtype)  # fp32 under fp16 autocast (_tangent_mode)
+        d_o = (weighted.to(work) @ v.to(work)).add_(weights.to(work) @ dv.to(work))
+        return d_o.addcmul_(weighted.sum(-1, keepdim=True).to(d_o.dtype), o, value=-1)
 
 
 def attention(q, k, v, impl):
@@ -212,9 +238,9 @@ class Attention(nn.Module):
         out = self.out(o.transpose(1, 2).flatten(2))
         if dx is None:
             return out, None
-        with torch.no_grad():  # RoPE is linear in q, k
+        with _tangent_mode(dx):  # RoPE is linear in q, k
             dq, dk, dv = apply_rope(dq, rope), apply_rope(dk, rope), heads(_linear_tangent(self.v, dx))
-            do = attention_tangent(*(a.transpose(1, 2) for a in (q, k, v, dq, dk, dv)))
+            do = attention_tangent(*(a.transpose(1, 2) for a in (q, k, v)), o, *(a.transpose(1, 2) for a in (dq, dk, dv)))
             return out, _linear_tangent(self.out, do.transpose(1, 2).flatten(2))
 
 
@@ -239,22 +265,23 @@ class SwiGLU(nn.Module):
     def forward(self, x, dx=None):
         """x, dx: (..., D) -> output and its tangent (None without dx)."""
         gate, value = self.w1(x), self.w3(x)
-        out = self.w2(F.silu(gate) * value)
+        act = F.silu(gate)
+        out = self.w2(act * value)
         if dx is None:
             return out, None
-        with torch.no_grad():
-            gate, value = gate.detach(), value.detach()
-            d_hidden = (_silu_derivative(gate) * _linear_tangent(self.w1, dx) * value
-                        + F.silu(gate) * _linear_tangent(self.w3, dx))
+        with _tangent_mode(dx):
+            d_hidden = _silu_tangent(_rows(gate, dx), _linear_tangent(self.w1, dx)).mul_(_rows(value, dx))
+            d_hidden.addcmul_(_rows(act, dx), _linear_tangent(self.w3, dx))
             return out, _linear_tangent(self.w2, d_hidden)
 
 
-def _gated_tangent(dx, gate, d_branch):
-    """Tangent of x + gate * branch(x): dx + gate * d_branch (None without a tangent)."""
+def _gated_tangent(dx, gate, d_branch, in_place=False):
+    """Tangent of x + gate * branch(x): dx + gate * d_branch (in place into dx if asked, for a dx
+    the block made itself); None without a tangent."""
     if dx is None:
         return None
-    with torch.no_grad():
-        return dx + gate * d_branch
+    with _tangent_mode(dx):
+        return dx.addcmul_(gate, d_branch) if in_place else torch.addcmul(dx, gate, d_branch)
 
 
 class Block(nn.Module):
@@ -276,7 +303,7 @@ class Block(nn.Module):
         x = x + self.attn_gate * a
         dx = _gated_tangent(dx, self.attn_gate, da)
         m, dm = self.mlp(*self.norm2(x, dx))
-        return x + self.mlp_gate * m, _gated_tangent(dx, self.mlp_gate, dm)
+        return x + self.mlp_gate * m, _gated_tangent(dx, self.mlp_gate, dm, in_place=True)
 
 
 class FinalLayer(nn.Module):
@@ -362,7 +389,7 @@ class PMFDiT(nn.Module):
         if dz is None:
             return x, None
         with torch.no_grad():
-            d_prefix = torch.zeros(b, self.num_prefix, x.shape[-1], dtype=x.dtype, device=x.device)
+            d_prefix = torch.zeros(dz.shape[0], self.num_prefix, x.shape[-1], dtype=x.dtype, device=x.device)
             d_prefix[:, -PREFIX_TOKENS["time"]:] = d_time[:, None]
             return x, torch.cat([d_prefix, d_patches.to(x.dtype)], dim=1)
 
@@ -382,15 +409,19 @@ class PMFDiT(nn.Module):
         """Returns a tuple with one (B, C, H, W) output per letter of `heads` ("u", "v" or "uv").
 
         attn: "sdpa" (fused) or "explicit" (forward-mode-AD capable, fp32 softmax).
-        tangent: None, or (dz, dh) with shapes of (z, h); then returns (outputs, d_u), d_u being
-        the u-head output's derivative along (dz, dh) (the other inputs held fixed), computed
-        alongside the primal without autograd (module docstring).
+        tangent: None, or (dz, dh) for the last n rows of the batch, (n, C, H, W) and (n,), n >= 1;
+        then returns (outputs, d_u), d_u (n, C, H, W) being the u-head output's derivative along
+        (dz, dh) (the other inputs held fixed), computed beside the primal without autograd.
         """
         self._check_inputs(z, h, y, heads)
         if attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {attn!r}")
         if tangent is not None and "u" not in heads:
             raise ValueError("a tangent is propagated through the u-head; include 'u' in heads")
+        if tangent is not None and not (0 < tangent[0].shape[0] <= z.shape[0] and tangent[0].shape[1:] == z.shape[1:]
+                                        and tuple(tangent[1].shape) == (tangent[0].shape[0],)):
+            raise ValueError(f"tangent must be (dz, dh) of shapes (n, {', '.join(map(str, z.shape[1:]))}) and (n,) "
+                             f"for the last 1 <= n <= {z.shape[0]} rows; got {tuple(tangent[0].shape)}, {tuple(tangent[1].shape)}")
         rope_dtype = torch.promote_types(z.dtype, torch.float32)
         rope = rope_tables(self.grid, self.head_dim, rope_dtype, z.device)
         x, dx = self._sequence(z, h, omega, t_min, t_max, y, *(tangent or (None, None)))

@@ -225,16 +225,25 @@ def velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg):
     du/dt = (tangent - dx_u/dt - u c'(t)) / c(t), c' = 1 strictly inside (t_clip, 1) and 0 on
     and outside the bounds, as torch's clamp derivative (JAX's would give 1/2 exactly on a bound,
     a probability-zero event). u and v carry autograd; du/dt does not.
+
+    du/dt enters the loss only through (t - r) du/dt, so the tangent is propagated only from the
+    first row with r < t on (the r = t rows are a prefix, §2.1 step 3); earlier rows get 0.
     """
-    ones = torch.ones_like(t)
-    outs, d_out = net(z, t - r, omega, t_min, t_max, y, heads="uv", tangent=(tangent, ones))
+    moving = (t != r).nonzero()
+    start = moving[0, 0].item() if len(moving) else len(t)
+    du_dt = torch.zeros_like(_fp32_or_wider(z))
+    if start == len(t):
+        return (*velocities(net, z, t, t - r, omega, t_min, t_max, y, cfg, heads="uv"), du_dt)
+    rows = slice(start, None)
+    outs, d_out = net(z, t - r, omega, t_min, t_max, y, heads="uv", tangent=(tangent[rows], torch.ones_like(t[rows])))
     if cfg.prediction == "u":
-        return outs[0], outs[1], _fp32_or_wider(d_out)
+        du_dt[rows] = d_out
+        return (*outs, du_dt)
     c = _col(t.clamp(cfg.t_clip, 1.0))
     u, v = ((z - out) / c for out in outs)
     with torch.no_grad():
-        dc_dt = _col(((t > cfg.t_clip) & (t < 1.0)).to(c.dtype))
-        du_dt = (_fp32_or_wider(tangent) - d_out - u * dc_dt) / c
+        dc_dt = _col(((t > cfg.t_clip) & (t < 1.0)).to(c.dtype))[rows]
+        du_dt[rows] = (_fp32_or_wider(tangent[rows]) - d_out - u[rows] * dc_dt) / c[rows]
     return u, v, du_dt
 
 
@@ -316,7 +325,8 @@ def _metrics(loss, terms, raw_perc, sq_u, sq_v, du_dt, t, fm, use_perc, numel, c
     m["mse_u"], m["mse_v"] = mse_u.mean(), (sq_v / numel).mean()
     m["mse_u_r_eq_t"] = mse_u[fm].mean() if fm.any() else torch.zeros_like(m["mse_u"])
     m["mse_u_r_lt_t"] = mse_u[~fm].mean() if (~fm).any() else torch.zeros_like(m["mse_u"])
-    m["du_dt_norm"] = du_dt.flatten(1).norm(dim=1).mean()
+    moving = ~fm  # du/dt enters the loss only on r < t rows
+    m["du_dt_norm"] = du_dt[moving].flatten(1).norm(dim=1).mean() if moving.any() else torch.zeros_like(m["mse_u"])
     m["perceptual_fraction"] = use_perc.float().mean()
     for name, raw in raw_perc.items():
         m[f"{name}_raw"] = raw.sum() / use_perc.sum().clamp(min=1)

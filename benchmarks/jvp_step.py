@@ -5,9 +5,10 @@
     python benchmarks/jvp_step.py --batch 4 --dtype bfloat16 training.mixed_precision=bf16
 
 Every variant runs in its own child process (so its peak memory is its own: peak RSS on CPU, max
-allocated on CUDA) for --repeats timed steps after one warm-up, on the same inputs and draws:
+allocated on CUDA) for --repeats timed steps after two warm-ups, on the same inputs and draws:
 
   fm          plain x-prediction flow-matching step, u-head only: forward + backward  (the 1.0x row)
+  fm_uv       the same with both heads trained (a v-loss too): the memory floor of any pMF step
   forward     no-grad forward of trunk + u-head (the unit of the tangent's cost)
   tangent     no-grad primal + single-pass tangent of the same network (the fast JVP pass alone)
   func_jvp    no-grad torch.func.jvp of the same network, explicit attention (the simple JVP pass)
@@ -37,7 +38,7 @@ import model as model_lib  # noqa: E402
 import perceptual as perceptual_lib  # noqa: E402
 import pmf  # noqa: E402
 
-VARIANTS = ("fm", "forward", "tangent", "func_jvp", "pmf", "pmf_perc", "split", "reference")
+VARIANTS = ("fm", "fm_uv", "forward", "tangent", "func_jvp", "pmf", "pmf_perc", "split", "reference")
 
 
 class FuncJvpNet(torch.nn.Module):
@@ -56,8 +57,10 @@ class FuncJvpNet(torch.nn.Module):
             outs = self.module(z_, h_, omega, t_min, t_max, y, heads=heads, attn="explicit")
             return outs[heads.index("u")], outs
 
-        _, d_u, outs = torch.func.jvp(outputs, (z, h), tangent, has_aux=True)
-        return outs, d_u
+        n = tangent[0].shape[0]  # the common way takes the JVP over every row
+        full = tuple(torch.cat([torch.zeros_like(p[:len(p) - n]), d]) for p, d in zip((z, h), tangent))
+        _, d_u, outs = torch.func.jvp(outputs, (z, h), full, has_aux=True)
+        return outs, d_u[len(z) - n:]
 
 
 def flops_per_sample(net, draws):
@@ -77,10 +80,11 @@ def flops_per_sample(net, draws):
     fwd_u = embed + (trunk + head) * (linears + attn) + final
     fwd_uv = fwd_u + head * (linears + attn) + final
     tangent = fwd_u + (trunk + head) * 1.5 * attn
+    moving = (draws.t != draws.r).float().mean().item()  # the fast path's tangent covers r < t rows only
     inside = (draws.t_min <= draws.t) & (draws.t <= draws.t_max)
     guidance = (2 + (~inside).float().mean().item()) * (embed + trunk * (linears + attn) + head * (linears + attn) + final)
-    return {"fm": 3 * fwd_u, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
-            "pmf": guidance + tangent + 3 * fwd_uv, "pmf_perc": guidance + tangent + 3 * fwd_uv,
+    return {"fm": 3 * fwd_u, "fm_uv": 3 * fwd_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
+            "pmf": guidance + moving * tangent + 3 * fwd_uv, "pmf_perc": guidance + moving * tangent + 3 * fwd_uv,
             "split": guidance + fwd_u + tangent + 3 * fwd_uv, "reference": guidance + tangent + 3 * fwd_uv}
 
 
@@ -118,10 +122,10 @@ def step_fn(variant, net, method, x, y, d, autocast):
 
     def run():
         with torch.autocast(**autocast):
-            if variant == "fm":
-                x_hat, = net(z, 0 * t, ones, 0 * t, ones, y, heads="u")
-                target = (z - x) / t.clamp(method.t_clip, 1)[:, None, None, None]
-                ((z - x_hat) / t.clamp(method.t_clip, 1)[:, None, None, None] - target).pow(2).mean().backward()
+            if variant in ("fm", "fm_uv"):
+                c = t.clamp(method.t_clip, 1)[:, None, None, None]
+                outs = net(z, 0 * t, ones, 0 * t, ones, y, heads="u" if variant == "fm" else "uv")
+                sum(((z - x_hat) / c - (z - x) / c).pow(2).mean() for x_hat in outs).backward()
             elif variant == "forward":
                 with torch.no_grad():
                     net(z, *cond, heads="u")
@@ -138,14 +142,15 @@ def step_fn(variant, net, method, x, y, d, autocast):
 
 def child(args):
     net, method, x, y, draws, autocast = setup(args)
+    if args.child == "pmf_perc" and net.in_channels != 3:
+        return print(json.dumps({"skipped": "the perceptual networks take RGB images"}))
     run = step_fn(args.child, net, method, x, y, draws, autocast)
     cuda = x.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(x.device)) if cuda else (lambda: None)
-    run()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(x.device)
     setup_peak = torch.cuda.max_memory_allocated(x.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(2):  # warm-up: allocator and kernel caches
+        run()
+    sync()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -158,28 +163,31 @@ def child(args):
 
 
 def matmul_flops_per_second(args):
-    """Achieved FLOP/s of an (B*L, D) x (D, F) matmul, the model's dominant shape, in its dtype."""
-    net, method, x, *_ , autocast = setup(args)
-    d = net.pos_embed.shape[-1]
+    """Best achieved FLOP/s over the block's matmul shapes, (B*L, D) x (D, D), (B*L, D) x (D, F)
+    and (B*L, F) x (F, D), in the step's matmul dtype."""
+    net, method, x, *_, autocast = setup(args)
+    d, width, rows = net.pos_embed.shape[-1], net.u_head[0].mlp.w1.out_features, args.batch * net.pos_embed.shape[1]
     dtype = autocast["dtype"] if autocast["enabled"] else torch.float32
-    a = torch.randn(args.batch * net.pos_embed.shape[1], d, device=x.device, dtype=dtype)
-    b = torch.randn(d, net.u_head[0].mlp.w1.out_features, device=x.device, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(max(3, args.repeats)):
-        start = time.perf_counter()
-        a @ b
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return 2 * a.shape[0] * d * b.shape[1] / statistics.median(times)
+    best = 0.0
+    for inner, outer in ((d, d), (d, width), (width, d)):
+        a = torch.randn(rows, inner, device=x.device, dtype=dtype)
+        b = torch.randn(inner, outer, device=x.device, dtype=dtype)
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            a @ b
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * rows * inner * outer / statistics.median(times[1:]))
+    return best
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="config.yaml", help="model shape and method recipe")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after two warm-ups)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -200,7 +208,11 @@ def main(argv=None):
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"variant {variant} failed:\n{out.stderr[-2000:]}")
-        r = rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if "skipped" in r:
+            print(f"{variant:10s} skipped: {r['skipped']}")
+            continue
+        rows[variant] = r
         base = rows.get("fm", r)
         print(f"{variant:10s} {r['seconds']:9.3f} {args.batch / r['seconds']:8.1f} {r['seconds'] / base['seconds']:6.2f} "
               f"{r['peak'] / 2 ** 30:8.2f} {r['peak'] / base['peak']:6.2f} {(r['peak'] - r['setup']) / 2 ** 30:8.3f} "

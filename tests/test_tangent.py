@@ -69,7 +69,8 @@ def test_module_tangent_equals_torch_func_jvp(name, build, call, shape, rel_err)
 def test_attention_tangent_identity_against_torch_func_jvp(rel_err):
     q, k, v, dq, dk, dv = (_tokens(s, 2, HEADS, L, 8) for s in range(6))
     ref = torch.func.jvp(lambda *a: model_lib.attention(*a, "explicit"), (q, k, v), (dq, dk, dv))[1]
-    assert rel_err(model_lib.attention_tangent(q, k, v, dq, dk, dv), ref) < 1e-9
+    o = model_lib.attention(q, k, v, "explicit")
+    assert rel_err(model_lib.attention_tangent(q, k, v, o, dq, dk, dv), ref) < 1e-9
 
 
 def _conditioning(n, seed=3):
@@ -98,6 +99,11 @@ def test_whole_model_tangent_equals_torch_func_jvp(rel_err):
     assert rel_err(net(x, h, omega, t_min, t_max, y, heads="u", tangent=(0 * dz, dh))[1], ref_h) < 1e-9
     with pytest.raises(ValueError, match="include 'u' in heads"):
         net(x, h, omega, t_min, t_max, y, heads="v", tangent=(dz, dh))
+    (u_rows, _), du_rows = net(x, h, omega, t_min, t_max, y, tangent=(dz[2:], dh[2:]))  # the last 4 rows only
+    assert torch.equal(u_rows, u) and rel_err(du_rows, ref_du[2:]) < 1e-9
+    for bad in ((dz[:0], dh[:0]), (dz[:, :2], dh), (dz, dh[1:])):
+        with pytest.raises(ValueError, match="tangent must be"):
+            net(x, h, omega, t_min, t_max, y, tangent=bad)
 
 
 @pytest.mark.parametrize("prediction", ["x", "u"])
@@ -120,6 +126,21 @@ def test_fast_du_dt_equals_simple_path_with_and_without_t_clip(prediction, rel_e
         no_clip = tiny_cfg(prediction=prediction, t_clip=0.0)
         wrong = pmf.velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, no_clip)[2]
         assert rel_err(wrong[clipped], simple[clipped]) > 1e-3
+
+
+def test_fast_du_dt_skips_the_r_equals_t_prefix(rel_err):
+    cfg, net = tiny_cfg(), tiny_model()
+    x, y = batch(6)
+    t = torch.tensor([0.9, 0.4, 0.7, 0.5, 0.3, 0.6], dtype=torch.float64)
+    _, omega, t_min, t_max = _conditioning(6)
+    z, tangent = _tokens(5, *x.shape), _tokens(6, *x.shape)
+    for r in (torch.cat([t[:3], 0.5 * t[3:]]), t.clone()):  # an r = t prefix of 3 rows; all rows r = t
+        simple = pmf.du_dt_jvp(net, z, t, r, omega, t_min, t_max, y, tangent, cfg)
+        u, v, fast = pmf.velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg)
+        moving = t != r
+        assert (fast[~moving] == 0).all() and simple[~moving].abs().max() > 0
+        assert not moving.any() or rel_err(fast[moving], simple[moving]) < 1e-9
+        assert torch.equal(u, pmf.velocities(net, z, t, t - r, omega, t_min, t_max, y, cfg)[0])
 
 
 def _grads(net, loss):
@@ -161,3 +182,19 @@ def test_bf16_autocast_tangent_is_close_to_float64():
     err = ((fast.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(fast).all() and err < 2e-2
     assert err > 1e-5  # bf16 really was used
+
+
+def test_fp16_autocast_tangent_runs_in_fp32():
+    """Under fp16 autocast the tangent leaves autocast (model._tangent_mode): a du/dt far beyond
+    fp16's range (65504) stays finite and accurate to fp16 rounding of the primal only."""
+    net64, net32, cfg = tiny_model(), tiny_model().float(), tiny_cfg()
+    x, y = batch(8)
+    t = torch.linspace(0.1, 0.9, 8, dtype=torch.float64)
+    _, omega, t_min, t_max = _conditioning(8)
+    z, tangent = _tokens(5, *x.shape), 1e4 * _tokens(6, *x.shape)
+    ref = pmf.du_dt_jvp(net64, z, t, 0.5 * t, omega, t_min, t_max, y, tangent, cfg)
+    args = [a.float() for a in (z, t, 0.5 * t, omega, t_min, t_max)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        fast = pmf.velocities_and_du_dt(net32, *args, y, tangent.float(), cfg)[2]
+    assert ref.abs().max() > 65504 and torch.isfinite(fast).all()
+    assert ((fast.double() - ref).norm() / ref.norm()).item() < 1e-3
