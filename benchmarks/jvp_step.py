@@ -71,7 +71,7 @@ def flops_per_sample(net, draws):
     twice its forward. Guidance: trunk + v-head on 2B rows plus the rows outside their interval.
     """
     d, tokens, patches = net.pos_embed.shape[-1], net.pos_embed.shape[1], net.grid ** 2
-    width = net.trunk[0].mlp.w1.out_features if len(net.trunk) else net.u_head[0].mlp.w1.out_features
+    width = net.u_head[0].mlp.w1.out_features
     linears, attn = 2 * tokens * (4 * d * d + 3 * d * width), 4 * tokens * tokens * d
     conv1 = net.patch_embed.conv1
     embed = 2 * patches * (conv1.weight[0].numel() * conv1.out_channels + conv1.out_channels * d) + 4 * 2 * (256 * d + d * d)
@@ -82,7 +82,7 @@ def flops_per_sample(net, draws):
     tangent = fwd_u + (trunk + head) * 1.5 * attn
     moving = (draws.t != draws.r).float().mean().item()  # the fast path's tangent covers r < t rows only
     inside = (draws.t_min <= draws.t) & (draws.t <= draws.t_max)
-    guidance = (2 + (~inside).float().mean().item()) * (embed + trunk * (linears + attn) + head * (linears + attn) + final)
+    guidance = (2 + (~inside).float().mean().item()) * fwd_u  # the v path costs what the u path does
     return {"fm": 3 * fwd_u, "fm_uv": 3 * fwd_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
             "pmf": guidance + moving * tangent + 3 * fwd_uv, "pmf_perc": guidance + moving * tangent + 3 * fwd_uv,
             "split": guidance + fwd_u + tangent + 3 * fwd_uv, "reference": guidance + tangent + 3 * fwd_uv}

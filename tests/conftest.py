@@ -36,6 +36,13 @@ def batch(n=8, dtype=torch.float64, seed=0):
     return x, y
 
 
+def flat_grads(net, loss):
+    """Backpropagate `loss` from zeroed gradients; all parameter gradients as one flat vector."""
+    net.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
 @pytest.fixture
 def rel_err():
     def rel(a, b):

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 import pmf
-from conftest import batch, tiny_cfg, tiny_model
+from conftest import batch, flat_grads, tiny_cfg, tiny_model
 
 NULL = 10
 
@@ -67,12 +67,6 @@ def _reference_loss(net, x, y, d, cfg):
     return (L_u + L_v).mean(), du_dt
 
 
-def _grads(net, loss):
-    net.zero_grad()
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in net.parameters()])
-
-
 @pytest.mark.parametrize("mode,prediction", [("prefix", "x"), ("per_sample", "x"), ("prefix", "u")])
 def test_loss_gradients_equal_plain_reference(mode, prediction, rel_err):
     cfg = tiny_cfg(class_dropout_mode=mode, prediction=prediction)
@@ -82,14 +76,14 @@ def test_loss_gradients_equal_plain_reference(mode, prediction, rel_err):
     drop[[0, 1] if mode == "prefix" else [1, 6]] = True       # row 6 is an r < t row
     d = _draws(cfg, x, drop=drop)
     loss, _ = pmf.pmf_loss(net, x, y, d, cfg)
-    ours = _grads(net, loss)
+    ours = flat_grads(net, loss)
     ref_loss, _ = _reference_loss(net, x, y, d, cfg)
-    ref = _grads(net, ref_loss)
+    ref = flat_grads(net, ref_loss)
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert rel_err(ours, ref) < 1e-8
     if mode == "per_sample":  # the test can fail: the official tangent on dropped r<t rows differs
         wrong, _ = _reference_loss(net, x, y, d, tiny_cfg(class_dropout_mode="prefix", prediction=prediction))
-        assert rel_err(ours, _grads(net, wrong)) > 1e-6
+        assert rel_err(ours, flat_grads(net, wrong)) > 1e-6
 
 
 def test_du_dt_equals_central_finite_differences(rel_err):

@@ -5,7 +5,7 @@ import torch
 
 import model as model_lib
 import pmf
-from conftest import TINY, batch, tiny_cfg, tiny_model
+from conftest import batch, flat_grads, tiny_cfg, tiny_model
 
 D, HEADS, L, N = 32, 2, 20, 16  # width, heads, tokens, patch tokens (4 prefix tokens unrotated)
 
@@ -143,12 +143,6 @@ def test_fast_du_dt_skips_the_r_equals_t_prefix(rel_err):
         assert torch.equal(u, pmf.velocities(net, z, t, t - r, omega, t_min, t_max, y, cfg)[0])
 
 
-def _grads(net, loss):
-    net.zero_grad()
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in net.parameters()])
-
-
 @pytest.mark.parametrize("mode,prediction", [("prefix", "x"), ("per_sample", "x"), ("prefix", "u")])
 def test_fast_path_gradients_equal_simple_path(mode, prediction, rel_err):
     net = tiny_model()
@@ -160,14 +154,14 @@ def test_fast_path_gradients_equal_simple_path(mode, prediction, rel_err):
     for path in ("fast", "simple"):
         cfg = tiny_cfg(class_dropout_mode=mode, prediction=prediction, jvp=path)
         loss, metrics = pmf.pmf_loss(net, x, y, draws, cfg)
-        grads[path] = (loss.item(), metrics["du_dt_norm"].item(), _grads(net, loss))
+        grads[path] = (loss.item(), metrics["du_dt_norm"].item(), flat_grads(net, loss))
     assert abs(grads["fast"][0] - grads["simple"][0]) < 1e-12
     assert abs(grads["fast"][1] - grads["simple"][1]) < 1e-9 * grads["simple"][1]
     assert rel_err(grads["fast"][2], grads["simple"][2]) < 1e-9
 
 
 def test_bf16_autocast_tangent_is_close_to_float64():
-    net64 = tiny_model(num_classes=TINY["num_classes"])
+    net64 = tiny_model()
     net32 = tiny_model().float()
     cfg = tiny_cfg()
     x, y = batch(8)
