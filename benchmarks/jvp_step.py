@@ -2,7 +2,7 @@
 
     python benchmarks/jvp_step.py --batch 4                                # pMF-B/16 (config.yaml)
     python benchmarks/jvp_step.py --config quickstart.yaml --batch 64      # the quickstart's tiny model
-    python benchmarks/jvp_step.py --batch 4 --dtype bfloat16 training.mixed_precision=bf16
+    python benchmarks/jvp_step.py --batch 4 training.mixed_precision=bf16   # bf16 autocast, as train.py
 
 Every variant runs in its own child process (so its peak memory is its own: peak RSS on CPU, max
 allocated on CUDA) for --repeats timed steps after two warm-ups, on the same inputs and draws:
@@ -22,6 +22,7 @@ matmul FLOPs analytically (`flops_per_sample`; perceptual networks not counted) 
 the model's shapes, timed in the same run.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -117,7 +118,7 @@ def step_fn(variant, net, method, x, y, d, autocast):
     if variant == "pmf_perc":
         perc = perceptual_lib.PerceptualLoss(perceptual_lib.build_lpips(pretrained=False),
                                              perceptual_lib.build_convnext(pretrained=False)).to(x.device)
-    loss_cfg = {"split": pmf.PMFConfig(**{**method.__dict__, "jvp": "simple"})}.get(variant, method)
+    loss_cfg = dataclasses.replace(method, jvp="simple") if variant == "split" else method
     loss_net = FuncJvpNet(net) if variant == "reference" else net
 
     def run():
