@@ -34,6 +34,7 @@ class ModelConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     head_depth: Optional[int] = None
+    recompute_v_head: bool = True
 
 
 # The method section has one optional key per PMFConfig field: None means the preset's recipe or
@@ -236,7 +237,7 @@ def _lookup(tree, dotted):
 
 
 def model_overrides(cfg):
-    """The non-null model.* shape overrides for `model.build_model`."""
+    """The non-null model.* keys (shape overrides, recompute_v_head) for `model.build_model`."""
     return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name" and v is not None}
 
 

@@ -5,7 +5,10 @@ the loss: the conversion of its outputs to velocities, with clip(t, 0.05, 1), li
 
 Token sequence (§4.2): [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N].
 A shared trunk of depth - head_depth blocks feeds a u-head and (for training) a v-head of
-head_depth blocks each; each head has its own final layer.
+head_depth blocks each; each head has its own final layer. With recompute_v_head, a grad-mode
+forward stores only the v-head's input and recomputes its activations in backward, after the
+u-head's are freed: the training step then holds the activations of trunk + one head, as plain
+flow matching does, for one extra v-head forward.
 
 Single-pass tangent (forward-mode derivative without autograd). Every submodule's forward takes
 an optional tangent of its input and returns (output, output tangent or None). The tangent is
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 PRESETS = {
     "pMF-B/16": dict(input_size=256, patch_size=16, depth=16, hidden_size=768, num_heads=12),
@@ -329,7 +333,7 @@ class PMFDiT(nn.Module):
     """
 
     def __init__(self, input_size=256, in_channels=3, num_classes=1000, depth=16, hidden_size=768,
-                 num_heads=12, patch_size=16, head_depth=8, with_v_head=True):
+                 num_heads=12, patch_size=16, head_depth=8, with_v_head=True, recompute_v_head=False):
         super().__init__()
         _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,
                           patch_size, head_depth)
@@ -356,6 +360,7 @@ class PMFDiT(nn.Module):
         self.u_final = FinalLayer(d, patch_size, in_channels)
         self.v_head = nn.ModuleList(Block(d, num_heads) for _ in range(head_depth)) if with_v_head else None
         self.v_final = FinalLayer(d, patch_size, in_channels) if with_v_head else None
+        self.recompute_v_head = recompute_v_head
 
     @property
     def has_v_head(self):
@@ -428,12 +433,16 @@ class PMFDiT(nn.Module):
         for block in self.trunk:
             x, dx = block(x, rope, attn, dx)
         branches = {"u": (self.u_head, self.u_final), "v": (self.v_head, self.v_final)}
-        outs, d_u = [], None
+        results = {}
+        if self.recompute_v_head and "v" in heads and torch.is_grad_enabled():
+            # Run first: backward takes the newest autograd nodes first, so it is done with the
+            # u-head and has freed its activations before it recomputes these.
+            results["v"] = checkpoint(self._head, *branches["v"], x, rope, attn, use_reentrant=False)
         for name in heads:
-            out, d_out = self._head(*branches[name], x, rope, attn, dx if name == "u" else None)
-            outs.append(out)
-            d_u = d_out if name == "u" else d_u
-        return tuple(outs) if tangent is None else (tuple(outs), d_u)
+            if name not in results:
+                results[name] = self._head(*branches[name], x, rope, attn, dx if name == "u" else None)
+        outs = tuple(results[name][0] for name in heads)
+        return outs if tangent is None else (outs, results["u"][1])
 
 
 def _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,
@@ -449,14 +458,15 @@ def _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, 
 
 
 BUILD_OVERRIDES = ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
-                   "patch_size", "head_depth", "with_v_head")
+                   "patch_size", "head_depth", "with_v_head", "recompute_v_head")
 
 
 def build_model(name, **overrides):
     """Build a preset (`pMF-B/16` ... `pMF-H/32`) or, with name=None, a custom shape from overrides.
 
     Overrides: input_size, in_channels, num_classes, depth, hidden_size, num_heads, patch_size,
-    head_depth, with_v_head (False for inference builds).
+    head_depth, with_v_head (False for inference builds), recompute_v_head (training memory: the
+    v-head's activations are recomputed in backward instead of stored; same numbers).
     """
     if name is not None and name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or None for a custom shape")

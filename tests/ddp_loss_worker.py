@@ -2,7 +2,7 @@
 
 Each rank takes its half of a fixed batch with its own draws (seeded by rank, as per-rank RNG
 streams in training) and rank 0 saves the all-reduced gradients to argv[1]; argv[2] is the du/dt
-path (pmf.JVP_PATHS).
+path (pmf.JVP_PATHS), argv[3] "recompute" to recompute the v-head in backward.
 """
 import os
 import sys
@@ -17,10 +17,12 @@ from conftest import batch, tiny_cfg, tiny_model  # noqa: E402
 import pmf  # noqa: E402
 
 
-def main(out_path, jvp):
+def main(out_path, jvp, recompute):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    net = DDP(tiny_model())
+    model = tiny_model()
+    model.recompute_v_head = recompute == "recompute"
+    net = DDP(model)
     cfg = tiny_cfg(jvp=jvp)
     x, y = batch(8)
     x, y = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -34,4 +36,4 @@ def main(out_path, jvp):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -12,13 +12,14 @@ from conftest import batch, tiny_cfg, tiny_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("jvp", pmf.JVP_PATHS)
-def test_two_process_gradients_equal_the_average_of_per_rank_losses(jvp, tmp_path, rel_err):
-    """Both du/dt paths through DDP against the simple path in one process (the reference)."""
+@pytest.mark.parametrize("jvp,recompute", [("fast", "recompute"), ("simple", "store")])
+def test_two_process_gradients_equal_the_average_of_per_rank_losses(jvp, recompute, tmp_path, rel_err):
+    """Both du/dt paths through DDP (the default with the v-head recomputed in backward) against
+    the simple path in one process (the reference)."""
     out = tmp_path / "grads.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(HERE, "ddp_loss_worker.py"), str(out), jvp], check=True, env=env, timeout=300)
+                    os.path.join(HERE, "ddp_loss_worker.py"), str(out), jvp, recompute], check=True, env=env, timeout=300)
     ddp_grads = torch.load(out, weights_only=True)
 
     net, cfg = tiny_model(), tiny_cfg(jvp="simple")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import model as model_lib
 import pmf
-from conftest import TINY, tiny_cfg, tiny_model
+from conftest import TINY, batch, flat_grads, tiny_cfg, tiny_model
 
 # Paper Tab. 8 / reference §4.1, in millions: (inference, training with the v-head).
 PAPER_PARAMS = {"pMF-B/16": (118.2, 175.5), "pMF-L/16": (410.3, None), "pMF-H/16": (955.5, None),
@@ -209,7 +209,6 @@ def test_inference_build_has_no_v_head_and_round_trips_our_weights():
 
 
 def test_bf16_autocast_forward_and_loss_are_finite():
-    from conftest import batch
     net, cfg = tiny_model(dtype=torch.float32), tiny_cfg()
     x, y = batch(dtype=torch.float32)
     draws = pmf.sample_draws(cfg, x, torch.Generator().manual_seed(0))
@@ -242,3 +241,54 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
         pmf.predict(net, z, torch.tensor([1.2, 0.5]), torch.zeros(2), 1 + s, s, s, y, cfg)
     with pytest.raises(ValueError, match="r must not exceed t"):
         pmf.predict(net, z, torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.1]), 1 + s, s, s, y, cfg)
+
+
+@pytest.mark.parametrize("jvp", pmf.JVP_PATHS)
+def test_recompute_v_head_gives_the_same_loss_and_gradients(jvp, rel_err):
+    x, y = batch(8)
+    cfg = tiny_cfg(jvp=jvp)
+    draws = pmf.sample_draws(cfg, x, torch.Generator().manual_seed(3))
+    results = []
+    for recompute in (False, True):
+        net = tiny_model()
+        net.recompute_v_head = recompute
+        loss, metrics = pmf.pmf_loss(net, x, y, draws, cfg)
+        results.append((loss.item(), metrics["loss_v"].item(), flat_grads(net, loss)))
+    (loss0, v0, g0), (loss1, v1, g1) = results
+    assert loss0 == loss1 and v0 == v1
+    assert rel_err(g1, g0) < 1e-12
+
+
+def _peak_allocated_bytes(step):
+    """Peak of the bytes held by tensors allocated during step(), at operator granularity: the
+    profiler's per-operator net allocations (frees outside operators are its "[memory]" events)
+    summed in time order (CPU; deterministic, unlike the process's RSS)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_recompute_v_head_holds_the_activations_of_one_head():
+    """The pMF step with the v-head recomputed peaks near plain flow matching on trunk + u-head,
+    and clearly below the same step storing both heads' activations."""
+    x, y = batch(32)
+    cfg = tiny_cfg()
+    draws = pmf.sample_draws(cfg, x, torch.Generator().manual_seed(3))
+    net = tiny_model(depth=4, head_depth=2)
+
+    def pmf_step(recompute):
+        net.recompute_v_head = recompute
+        pmf.pmf_loss(net, x, y, draws, cfg)[0].backward()
+        net.zero_grad(set_to_none=True)
+
+    def fm_step():
+        u, = pmf.velocities(net, x, draws.t, 0 * draws.t, draws.omega, draws.t_min, draws.t_max, y, cfg, heads="u")
+        u.pow(2).mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    fm, stored, recomputed = (_peak_allocated_bytes(s) for s in (fm_step, lambda: pmf_step(False), lambda: pmf_step(True)))
+    assert recomputed < 1.25 * fm < stored, (fm, stored, recomputed)
