@@ -178,28 +178,33 @@ def velocities(net, z, t, h, omega, t_min, t_max, y, cfg, heads="uv", attn="sdpa
 
 
 @torch.no_grad()
-def guided_target(model, z, t, v_t, y, omega, t_min, t_max, cfg):
-    """Self-guided target from the v-head (§2.1 step 8), with the exact pruning of §2.2.
+def guided_target(model, z, t, v_t, y, drop, omega, t_min, t_max, cfg):
+    """Self-guided target and JVP tangent from the v-head (§2.1 step 8, §2.3), pruned exactly (§2.2).
 
-    Returns (v_c, v_u, v_g): conditional velocity at the interval-masked scale (the JVP tangent),
-    unconditional velocity (null label, omega = 1) and the guided target. All queries use h = 0
-    and the interval [0, 1].
+    Returns (tangent, v_g), each (B, C, H, W). v_c is the conditional velocity at the
+    interval-masked scale w_in (omega inside [t_min, t_max], 1 outside) and v_u the unconditional
+    one (null label, omega = 1); v_g = v_t + (1 - 1/w_in)(v_c - v_u), and v_t on the dropped rows.
+    The tangent is v_c, or v_u on the dropped rows under per-sample dropout. All queries use h = 0
+    and the interval [0, 1], in one v-head call over v_c's B rows and the rows that need v_u.
+    Not computed, as they cannot change the result: the official code's v_c at omega on rows
+    outside the interval (it then recomputes v_c there at 1), and v_u where its weight is 0:
+    outside the interval (1 - 1/1 = 0) and on dropped rows, unless they take v_u as tangent.
     """
     n = z.shape[0]
-    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-    null = torch.full_like(y, cfg.num_classes)
-    two = lambda a, b: torch.cat([a, b])
-    v_both, = velocities(model, two(z, z), two(t, t), two(zeros, zeros), two(omega, ones),
-                         two(zeros, zeros), two(ones, ones), two(y, null), cfg, heads="v")
-    v_c, v_u = v_both[:n], v_both[n:]
     inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
-    out = (~inside).nonzero().squeeze(1)
-    if out.numel():  # outside the interval w_in = 1: same call with omega = 1, only for those rows
-        v_c[out] = velocities(model, z[out], t[out], zeros[out], ones[out], zeros[out], ones[out], y[out],
-                              cfg, heads="v")[0]
-    w_in = torch.where(inside, omega, ones)
-    v_g = v_t + _col(1 - 1 / w_in) * (v_c - v_u)
-    return v_c, v_u, v_g
+    w_in = torch.where(inside, omega, torch.ones_like(omega))
+    per_sample = cfg.class_dropout_mode == "per_sample"
+    rows = ((inside & ~drop) | (drop & per_sample)).nonzero().squeeze(1)
+    m = len(rows)
+    v = velocities(model, torch.cat([z, z[rows]]), torch.cat([t, t[rows]]), t.new_zeros(n + m),
+                   torch.cat([w_in, t.new_ones(m)]), t.new_zeros(n + m), t.new_ones(n + m),
+                   torch.cat([y, torch.full_like(y[rows], cfg.num_classes)]), cfg, heads="v")[0]
+    v_c = v[:n]
+    v_u = v_c.clone()  # where v_u is not computed its weight is 0: v_c - v_u = 0 there
+    v_u[rows] = v[n:]
+    v_g = torch.where(_col(drop), v_t, v_t + _col(1 - 1 / w_in) * (v_c - v_u))
+    tangent = torch.where(_col(drop), v_u, v_c) if per_sample else v_c
+    return tangent, v_g
 
 
 def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
@@ -273,12 +278,8 @@ def pmf_loss(net, x, y, draws, cfg, perceptual=None):
     t, r, omega, t_min, t_max = draws.t, draws.r, draws.omega, draws.t_min, draws.t_max
     z = (1 - _col(t)) * x + _col(t) * draws.e                      # z_t
     v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), §11.2
-    v_c, v_u, v_g = guided_target(model, z, t, v_t, y, omega, t_min, t_max, cfg)
-
-    drop = _col(draws.drop)                                         # class dropout, §2.3
-    y_in = torch.where(draws.drop, cfg.num_classes, y)
-    v_g = torch.where(drop, v_t, v_g)
-    tangent = v_c if cfg.class_dropout_mode == "prefix" else torch.where(drop, v_u, v_c)
+    tangent, v_g = guided_target(model, z, t, v_t, y, draws.drop, omega, t_min, t_max, cfg)
+    y_in = torch.where(draws.drop, cfg.num_classes, y)              # class dropout, §2.3
 
     if cfg.jvp == "fast":
         u, v, du_dt = velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)

@@ -93,7 +93,7 @@ def test_du_dt_equals_central_finite_differences(rel_err):
     d = _draws(cfg, x)
     z = (1 - _col(d.t)) * x + _col(d.t) * d.e
     v_t = (z - x) / _col(d.t.clamp(0.05, 1))
-    v_c, _, _ = pmf.guided_target(net, z, d.t, v_t, y, d.omega, d.t_min, d.t_max, cfg)
+    v_c, _ = pmf.guided_target(net, z, d.t, v_t, y, d.drop, d.omega, d.t_min, d.t_max, cfg)
     du_dt = pmf.du_dt_jvp(net, z, d.t, d.r, d.omega, d.t_min, d.t_max, y, v_c, cfg)
 
     def u(eps):
@@ -206,31 +206,35 @@ class _Stub(torch.nn.Module):
         return outs if tangent is None else (outs, 0.5 * tangent[0])
 
 
-def test_guided_target_on_hand_made_inputs():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("mode", pmf.DROPOUT_MODES)
+def test_guided_target_on_hand_made_inputs(mode):
+    cfg = tiny_cfg(class_dropout_mode=mode)
     stub = _Stub()
-    t = torch.tensor([0.5, 0.02, 0.9, 0.3, 0.3], dtype=torch.float64)
-    t_min = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.4], dtype=torch.float64)   # row 3: t == t_min (inside)
-    t_max = torch.tensor([1.0, 1.0, 0.8, 0.6, 0.6], dtype=torch.float64)   # rows 2, 4 outside
-    omega = torch.tensor([2.0, 4.0, 3.0, 5.0, 8.0], dtype=torch.float64)
-    y = torch.tensor([1, 2, 3, 4, 5])
-    z = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.5, 0.02, 0.9, 0.3, 0.3, 0.7], dtype=torch.float64)
+    t_min = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.4, 0.2], dtype=torch.float64)   # row 3: t == t_min (inside)
+    t_max = torch.tensor([1.0, 1.0, 0.8, 0.6, 0.6, 0.6], dtype=torch.float64)   # rows 2, 4, 5 outside
+    omega = torch.tensor([2.0, 4.0, 3.0, 5.0, 8.0, 6.0], dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4, 5, 6])
+    drop = torch.tensor([False, True, False, False, True, False])              # one inside, one outside
+    z = torch.randn(6, 3, 2, 2, dtype=torch.float64)
     v_t = torch.randn_like(z)
-    v_c, v_u, v_g = pmf.guided_target(stub, z, t, v_t, y, omega, t_min, t_max, cfg)
+    tangent, v_g = pmf.guided_target(stub, z, t, v_t, y, drop, omega, t_min, t_max, cfg)
 
     c = _col(t.clamp(0.05, 1))
     vel = lambda w, label: (z - (0.5 * z + _col(label.double() + 10 * w))) / c
-    inside = torch.tensor([True, True, False, True, False])
+    inside = torch.tensor([True, True, False, True, False, False])
     w_in = torch.where(inside, omega, torch.ones_like(omega))
-    torch.testing.assert_close(v_u, vel(torch.ones(5), torch.full((5,), NULL)), rtol=0, atol=1e-12)
-    torch.testing.assert_close(v_c, vel(w_in, y), rtol=0, atol=1e-12)
-    expected = torch.where(_col(inside), v_t + _col(1 - 1 / omega) * (vel(omega, y) - v_u), v_t)
+    v_c, v_u = vel(w_in, y), vel(torch.ones(6), torch.full((6,), NULL))
+    expected = torch.where(_col(inside & ~drop), v_t + _col(1 - 1 / omega) * (v_c - v_u), v_t)
     torch.testing.assert_close(v_g, expected, rtol=0, atol=1e-12)
-    first, second = stub.calls
-    assert first["n"] == 10 and (first["h"] == 0).all() and (first["t_min"] == 0).all() and (first["t_max"] == 1).all()
-    assert torch.equal(first["y"][5:], torch.full((5,), NULL)) and (first["omega"][5:] == 1).all()
-    assert second["n"] == 2 and torch.equal(second["y"], y[[2, 4]])  # only the rows outside the interval
-    assert all(call["heads"] == "v" for call in stub.calls)
+    per_sample = mode == "per_sample"
+    torch.testing.assert_close(tangent, torch.where(_col(drop), v_u, v_c) if per_sample else v_c, rtol=0, atol=1e-12)
+    call, = stub.calls  # one v-head call: v_c on every row, v_u only where its weight is nonzero
+    uncond = [0, 1, 3, 4] if per_sample else [0, 3]
+    assert call["n"] == 6 + len(uncond) and call["heads"] == "v"
+    assert (call["h"] == 0).all() and (call["t_min"] == 0).all() and (call["t_max"] == 1).all()
+    assert torch.equal(call["y"], torch.cat([y, torch.full((len(uncond),), NULL)]))
+    assert torch.equal(call["omega"], torch.cat([w_in, torch.ones(len(uncond), dtype=torch.float64)]))
 
 
 def test_dropped_rows_get_null_label_and_unguided_target():
