@@ -4,24 +4,33 @@
     python benchmarks/jvp_step.py --config quickstart.yaml --batch 64      # the quickstart's tiny model
     python benchmarks/jvp_step.py --batch 4 training.mixed_precision=bf16   # bf16 autocast, as train.py
 
-Every variant runs in its own child process (so its peak memory is its own: peak RSS on CPU, max
-allocated on CUDA) for --repeats timed steps after two warm-ups, on the same inputs and draws:
+Step times come from one process that runs every variant in turn, on the same inputs and draws:
+two warm-up rounds, then --repeats timed rounds, the median per variant; drift in the machine's
+speed thus hits all variants alike. Peak memory comes from one child process per variant running
+two steps: on CUDA its max allocated; on CPU its peak RSS with glibc's mmap threshold fixed at
+64 KiB, so that every large tensor is mapped and unmapped on its own and RSS follows the live
+tensors as CUDA's max allocated does (with the default dynamic threshold freed activations stay in
+the heap, and the peak RSS measures the heap's fragmentation too).
 
   fm          plain x-prediction flow-matching step, u-head only: forward + backward  (the 1.0x row)
-  fm_uv       the same with both heads trained (a v-loss too): the memory floor of any pMF step
+  fm_uv       the same with both heads trained (a v-loss too), no JVP
   forward     no-grad forward of trunk + u-head (the unit of the tangent's cost)
   tangent     no-grad primal + single-pass tangent of the same network (the fast JVP pass alone)
   func_jvp    no-grad torch.func.jvp of the same network, explicit attention (the simple JVP pass)
   pmf         the pMF loss + backward as train.py runs it (method.jvp=fast), perceptual terms off
   pmf_perc    the same with LPIPS-VGG and ConvNeXt-V2-B on (randomly initialised, same cost)
   split       method.jvp=simple: no-grad torch.func.jvp, then a separate grad forward + backward
-  reference   the common way: grad-mode torch.func.jvp on the undistributed model, math attention
+  reference   the common way: grad-mode torch.func.jvp on the undistributed model, math attention,
+              every activation stored (forward-mode AD does not pass activation checkpointing)
+
+model.recompute_v_head (config) applies to fm_uv, pmf, pmf_perc and split.
 
 Optimizer steps are not included (they are the same for every variant). MFU counts the network's
 matmul FLOPs analytically (`flops_per_sample`; perceptual networks not counted) against a matmul of
 the model's shapes, timed in the same run.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -64,12 +73,13 @@ class FuncJvpNet(torch.nn.Module):
         return outs, d_u[len(z) - n:]
 
 
-def flops_per_sample(net, draws):
+def flops_per_sample(net, method, draws):
     """Matmul FLOPs per image of each variant, counted from the model's shapes (2 per multiply-add).
 
     A block: 2 L (4 D^2 + 3 D F) for its linears, 4 L^2 D for q k^T and P v; its tangent repeats
     the linears and does 5 attention-sized products (P recomputed, dS, dP v, P dv). A backward is
-    twice its forward. Guidance: trunk + v-head on 2B rows plus the rows outside their interval.
+    twice its forward, plus the v-head's forward again under model.recompute_v_head. Guidance:
+    trunk + v-head on the B rows and on the rows that need the unconditional velocity.
     """
     d, tokens, patches = net.pos_embed.shape[-1], net.pos_embed.shape[1], net.grid ** 2
     width = net.u_head[0].mlp.w1.out_features
@@ -80,13 +90,15 @@ def flops_per_sample(net, draws):
     trunk, head = len(net.trunk), len(net.u_head)
     fwd_u = embed + (trunk + head) * (linears + attn) + final
     fwd_uv = fwd_u + head * (linears + attn) + final
+    train_uv = 3 * fwd_uv + (fwd_uv - fwd_u) * net.recompute_v_head
     tangent = fwd_u + (trunk + head) * 1.5 * attn
     moving = (draws.t != draws.r).float().mean().item()  # the fast path's tangent covers r < t rows only
     inside = (draws.t_min <= draws.t) & (draws.t <= draws.t_max)
-    guidance = (2 + (~inside).float().mean().item()) * fwd_u  # the v path costs what the u path does
-    return {"fm": 3 * fwd_u, "fm_uv": 3 * fwd_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
-            "pmf": guidance + moving * tangent + 3 * fwd_uv, "pmf_perc": guidance + moving * tangent + 3 * fwd_uv,
-            "split": guidance + fwd_u + tangent + 3 * fwd_uv, "reference": guidance + tangent + 3 * fwd_uv}
+    uncond = (inside & ~draws.drop) | (draws.drop & (method.class_dropout_mode == "per_sample"))
+    guidance = (1 + uncond.float().mean().item()) * fwd_u  # pmf.guided_target; the v path costs what the u path does
+    return {"fm": 3 * fwd_u, "fm_uv": train_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
+            "pmf": guidance + moving * tangent + train_uv, "pmf_perc": guidance + moving * tangent + train_uv,
+            "split": guidance + fwd_u + tangent + train_uv, "reference": guidance + tangent + 3 * fwd_uv}
 
 
 def setup(args):
@@ -119,6 +131,9 @@ def step_fn(variant, net, method, x, y, d, autocast):
         perc = perceptual_lib.PerceptualLoss(perceptual_lib.build_lpips(pretrained=False),
                                              perceptual_lib.build_convnext(pretrained=False)).to(x.device)
     loss_cfg = dataclasses.replace(method, jvp="simple") if variant == "split" else method
+    if variant == "reference":
+        net = copy.deepcopy(net)
+        net.recompute_v_head = False
     loss_net = FuncJvpNet(net) if variant == "reference" else net
 
     def run():
@@ -141,31 +156,46 @@ def step_fn(variant, net, method, x, y, d, autocast):
     return run
 
 
-def child(args):
+def runnable(variants, net):
+    """The variants this model can run; pmf_perc needs RGB images (the perceptual networks' input)."""
+    return [v for v in variants if v != "pmf_perc" or net.in_channels == 3]
+
+
+def timing_child(args):
+    """Every variant in this one process, interleaved: two warm-up rounds, then --repeats rounds
+    that each time one step of every variant, so that drift in the machine's speed hits all alike."""
     net, method, x, y, draws, autocast = setup(args)
-    if args.child == "pmf_perc" and net.in_channels != 3:
-        return print(json.dumps({"skipped": "the perceptual networks take RGB images"}))
-    run = step_fn(args.child, net, method, x, y, draws, autocast)
+    variants = runnable(args.variants.split(","), net)
+    runs = {v: step_fn(v, net, method, x, y, draws, autocast) for v in variants}
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
+    times = {v: [] for v in variants}
+    for round_ in range(2 + args.repeats):
+        for v, run in runs.items():
+            start = time.perf_counter()
+            run()
+            sync()
+            if round_ >= 2:
+                times[v].append(time.perf_counter() - start)
+    flops = flops_per_sample(net, method, draws)
+    print(json.dumps({v: {"seconds": statistics.median(times[v]), "flops": flops[v] * args.batch} for v in variants}))
+
+
+def memory_child(args):
+    """Peak memory of one variant alone in this process over two steps (module docstring)."""
+    net, method, x, y, draws, autocast = setup(args)
+    run = step_fn(args.memory_child, net, method, x, y, draws, autocast)
     cuda = x.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(x.device)) if cuda else (lambda: None)
     setup_peak = torch.cuda.max_memory_allocated(x.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(2):  # warm-up: allocator and kernel caches
+    for _ in range(2):
         run()
-    sync()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(x.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    flops = flops_per_sample(net, draws)[args.child] * args.batch
-    print(json.dumps({"seconds": statistics.median(times), "peak": peak, "setup": setup_peak, "flops": flops}))
+    print(json.dumps({"peak": peak, "setup": setup_peak}))
 
 
 def matmul_flops_per_second(args):
     """Best achieved FLOP/s over the block's matmul shapes, (B*L, D) x (D, D), (B*L, D) x (D, F)
-    and (B*L, F) x (F, D), in the step's matmul dtype."""
+    and (B*L, F) x (F, D), in the step's matmul dtype: the fastest of 20 products into a
+    preallocated output (the machine's matmul peak, without allocation costs)."""
     net, method, x, *_, autocast = setup(args)
     d, width, rows = net.pos_embed.shape[-1], net.u_head[0].mlp.w1.out_features, args.batch * net.pos_embed.shape[1]
     dtype = autocast["dtype"] if autocast["enabled"] else torch.float32
@@ -173,55 +203,68 @@ def matmul_flops_per_second(args):
     for inner, outer in ((d, d), (d, width), (width, d)):
         a = torch.randn(rows, inner, device=x.device, dtype=dtype)
         b = torch.randn(inner, outer, device=x.device, dtype=dtype)
-        times = []
-        for _ in range(10):
+        out = torch.empty(rows, outer, device=x.device, dtype=dtype)
+        for _ in range(20):
             start = time.perf_counter()
-            a @ b
+            torch.matmul(a, b, out=out)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * rows * inner * outer / statistics.median(times[1:]))
+            best = max(best, 2 * rows * inner * outer / (time.perf_counter() - start))
     return best
+
+
+LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # CPU: RSS follows the live tensors (module docstring)
+
+
+def run_child(args, flag, env):
+    """This script in a fresh process with the hidden `flag`; its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), *flag, "--config", args.config, "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--device", args.device, "--variants", args.variants, *args.overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{' '.join(flag)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="config.yaml", help="model shape and method recipe")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after two warm-ups)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after two warm-up rounds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. training.mixed_precision=bf16")
     args = p.parse_args(argv)
-    if args.child:
-        return child(args)
+    if args.timing_child:
+        return timing_child(args)
+    if args.memory_child:
+        return memory_child(args)
     matmul = matmul_flops_per_second(args)
     cfg = config_lib.load_config(args.config, args.overrides)
     print(f"{args.config} {' '.join(args.overrides)}: batch {args.batch}, {cfg.training.mixed_precision} precision, "
-          f"{args.device}, {torch.get_num_threads()} threads; matmul {matmul / 1e9:.1f} GFLOP/s")
+          f"{args.device}, {torch.get_num_threads()} threads; matmul {matmul / 1e9:.1f} GFLOP/s", flush=True)
+    rows = run_child(args, ["--timing-child"], os.environ)
+    for variant in args.variants.split(","):
+        if variant not in rows:
+            print(f"{variant:10s} skipped: the perceptual networks take RGB images")
+            continue
+        env = {**os.environ, **LIVE_RSS_ENV} if args.device == "cpu" else os.environ
+        rows[variant].update(run_child(args, ["--memory-child", variant], env))
     print(f"{'variant':10s} {'median s':>9s} {'img/s':>8s} {'x fm':>6s} {'peak GB':>8s} {'x fm':>6s} "
           f"{'step GB':>8s} {'MFU':>6s}")
-    rows = {}
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--config", args.config,
-               "--batch", str(args.batch), "--repeats", str(args.repeats), "--device", args.device, *args.overrides]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"variant {variant} failed:\n{out.stderr[-2000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        if "skipped" in r:
-            print(f"{variant:10s} skipped: {r['skipped']}")
-            continue
-        rows[variant] = r
-        base = rows.get("fm", r)
+    base = rows.get("fm", next(iter(rows.values())))
+    for variant, r in rows.items():
         print(f"{variant:10s} {r['seconds']:9.3f} {args.batch / r['seconds']:8.1f} {r['seconds'] / base['seconds']:6.2f} "
               f"{r['peak'] / 2 ** 30:8.2f} {r['peak'] / base['peak']:6.2f} {(r['peak'] - r['setup']) / 2 ** 30:8.3f} "
-              f"{r['flops'] / r['seconds'] / matmul:6.1%}", flush=True)
+              f"{r['flops'] / r['seconds'] / matmul:6.1%}")
     if {"forward", "tangent"} <= set(rows):
         fwd = rows["forward"]["seconds"]
+        fwd_flops = rows["forward"]["flops"]
         print(f"tangent alone: {(rows['tangent']['seconds'] - fwd) / fwd:.2f}x a no-grad forward "
-              f"(primal + tangent {rows['tangent']['seconds'] / fwd:.2f}x)")
+              f"(primal + tangent {rows['tangent']['seconds'] / fwd:.2f}x); its matmul FLOPs are "
+              f"{(rows['tangent']['flops'] - fwd_flops) / fwd_flops:.3f}x the forward's")
     for other in ("split", "reference"):
         if {"pmf", other} <= set(rows):
             print(f"pmf step {rows[other]['seconds'] / rows['pmf']['seconds']:.2f}x faster than {other}")
