@@ -9,13 +9,14 @@ enabled, backward, Muon step, EMA update; optimizer state appears at the first s
 micro-batch in a fresh child process, so memory is measured from a clean start: on CUDA the peak
 allocated memory (an OutOfMemoryError is a failure), on CPU the peak resident memory, the child
 being stopped as soon as it exceeds the budget. The search doubles until a trial fails, then
-bisects; the result keeps a safety margin and is rounded down to a multiple of 8 when >= 8.
+bisects. The safety margin is memory: a batch fits when its peak stays within (1 - margin) of the
+budget. The largest fitting batch is rounded down to a multiple of 8 when >= 8, then to the largest
+micro-batch that divides the per-process share of the global batch.
 """
 import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -45,41 +46,31 @@ def gb(n):
 # ---------------------------------------------------------------- one trial (child process)
 
 def run_trial(cfg, batch, steps, device):
-    """`steps` real training steps at micro-batch `batch`; returns (peak bytes, median step seconds)."""
+    """`steps` real training steps (train.train_step, the step train.py runs) at micro-batch
+    `batch`, one process; returns (peak bytes, median step seconds)."""
     import dataset as data_lib
     import model as model_lib
     import pmf
     import train
-    method = config_lib.method_config(cfg)
+    method, t = config_lib.method_config(cfg), cfg.training
     torch.manual_seed(0)
     net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg)).to(device)
-    perceptual = train.build_perceptual(cfg, method, device)
-    opt = train.build_optimizer(cfg, net)
-    ema = train.EMA(net, cfg.training.ema_half_lives_kimg, cfg.training.ema_rampup)
+    parts = train.StepParts(net=net, method_cfg=method, precision=t.mixed_precision,
+                            scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
+                            perceptual=train.build_perceptual(cfg, method, device), opt=train.build_optimizer(cfg, net),
+                            ema=train.EMA(net, t.ema_half_lives_kimg, t.ema_rampup))
     data = data_lib.DummyImages(net.input_size, net.in_channels, method.num_classes, batch)
     x = torch.stack([data.load(i)[0] for i in range(batch)]).to(device)
     y = torch.tensor([data.load(i)[1] for i in range(batch)], device=device)
-    precision = cfg.training.mixed_precision
-    autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                    enabled=precision != "no")
     times = []
     for step in range(steps):
         start = time.perf_counter()
         draws = pmf.step_draws(method, range(batch), batch, x.shape[1:], 0, step, device)
-        with torch.autocast(**autocast):
-            loss, _ = pmf.pmf_loss(net, x, y, draws, method, perceptual)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(net, step + 1, batch)
+        train.train_step(parts, [(x, y, draws)], 1, step, batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:  # the kernel's high-water mark of this process's resident memory (KiB on Linux)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak, sorted(times)[len(times) // 2]
+    return train.peak_memory_bytes(device), sorted(times)[len(times) // 2]
 
 
 def _child_main(args):
@@ -146,13 +137,13 @@ def search(measure_fn, budget, max_batch):
     return best, rows
 
 
-def choose_micro(largest, margin, global_batch, world):
-    """Apply the safety margin and the multiple-of-8 rounding, then the largest micro-batch that
+def choose_micro(largest, global_batch, world):
+    """The multiple-of-8 rounding of the largest fitting batch, then the largest micro-batch that
     divides global / world. Returns (micro, accum) with micro * world * accum == global."""
     if global_batch % world:
         raise AutoBatchError(f"global batch {global_batch} is not divisible by {world} processes; "
                              "set training.global_batch_size to a multiple of the world size")
-    usable = max(1, int(largest * (1 - margin)))
+    usable = max(1, largest)
     if usable >= 8:
         usable -= usable % 8
     per_rank = global_batch // world
@@ -184,7 +175,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-memory", default=None, help="budget, e.g. 38GB (default: the GPU's total memory)")
-    p.add_argument("--margin", type=float, default=0.1, help="fraction of the found batch kept free")
+    p.add_argument("--margin", type=float, default=0.1, help="fraction of the memory budget kept free")
     p.add_argument("--world-size", type=int, default=None, help="processes that will train (default: GPUs here)")
     p.add_argument("--steps", type=int, default=2, help="training steps per trial (>= 2: optimizer state)")
     p.add_argument("--max-batch", type=int, default=None, help="largest micro-batch tried (default: global/world)")
@@ -210,18 +201,22 @@ def main(argv=None):
             raise AutoBatchError("on CPU pass --max-memory (the peak resident memory a process may use)")
         else:
             budget = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        if not 0 <= args.margin < 1:
+            raise AutoBatchError(f"--margin {args.margin} must be in [0, 1): the fraction of the budget kept free")
+        usable = int(budget * (1 - args.margin))
         world = args.world_size or max(1, torch.cuda.device_count() if args.device != "cpu" else 1)
         global_batch = cfg.training.global_batch_size
-        best, rows = search(lambda b: measure(b, args, budget), budget, args.max_batch or global_batch // world)
-        micro, accum = choose_micro(best, args.margin, global_batch, world)
+        best, rows = search(lambda b: measure(b, args, usable), usable, args.max_batch or global_batch // world)
+        micro, accum = choose_micro(best, global_batch, world)
     except (AutoBatchError, config_lib.ConfigError) as err:
         sys.exit(f"auto_batch: {err}")
-    print(f"{'batch':>7s} {'fits':>5s} {'peak memory':>12s} {'step s':>8s}   (budget {gb(budget)}, {args.device})")
+    print(f"{'batch':>7s} {'fits':>5s} {'peak memory':>12s} {'step s':>8s}   (budget {gb(budget)} less margin "
+          f"{args.margin:g} = {gb(usable)}, {args.device})")
     for batch, fits, peak, seconds in sorted(rows):
         print(f"{batch:7d} {'yes' if fits else 'no':>5s} {gb(peak) if peak else '-':>12s} "
               f"{f'{seconds:.3f}' if seconds else '-':>8s}")
-    print(f"largest fitting micro-batch {best}; with margin {args.margin:g}: micro_batch_size {micro} x {world} "
-          f"processes x grad_accum_steps {accum} = global batch {global_batch}")
+    print(f"largest fitting micro-batch {best}: micro_batch_size {micro} x {world} processes x grad_accum_steps "
+          f"{accum} = global batch {global_batch}")
     if args.dry_run:
         print("dry run: config not changed")
         return

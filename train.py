@@ -8,15 +8,21 @@ The loop wires config -> model, pMF loss, Muon -> files. Each optimizer step con
 batch (micro x processes x accumulation) whose rows, random draws and noise depend only on
 (seed, step, row): any process/accumulation split trains the same, and resuming at step k
 continues the exact run (reference §10.4 for the JVP/DDP design, §6 for the EMAs).
+
+Sections: the training step (`forward_backward`, `train_step`: also run by auto_batch.py and the
+benchmarks), the run's set-up (`train`) and its loop (`_loop`); checkpoints live in checkpoint.py.
 """
 import argparse
 import contextlib
-import glob
+import ctypes
+import dataclasses
+import fcntl
 import json
 import math
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 
@@ -26,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+import checkpoint as checkpoint_lib
 import config as config_lib
 import dataset as data_lib
 import model as model_lib
@@ -33,15 +40,23 @@ import optimizer as optim_lib
 import perceptual as perceptual_lib
 import pmf
 
-CKPT_PATTERN = "ckpt-*.pt"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train pixel MeanFlow (pMF).")
-    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    parser = argparse.ArgumentParser(description="Train pixel MeanFlow (pMF).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="config.yaml", help="YAML config")
     parser.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in out_dir")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although keys that change the run differ from the checkpoint's config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.global_batch_size=256")
     return parser.parse_args(argv)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps in a row); the message names the last good
+    checkpoint."""
 
 
 class EMA:
@@ -75,40 +90,29 @@ class EMA:
                 p.copy_(saved[name])
 
 
-def resolve_accumulation(cfg, world):
-    """Gradient-accumulation steps such that micro x world x accum = global batch."""
+def resolve_batch_split(cfg, world):
+    """(micro, accum) with micro x world x accum = global batch, and a note when micro was lowered.
+
+    With grad_accum_steps null, micro_batch_size is an upper bound (a memory limit): it is lowered to
+    the largest size that splits the global batch evenly over the processes."""
     t = cfg.training
-    accum = t.grad_accum_steps or t.global_batch_size // (t.micro_batch_size * world)
-    if t.micro_batch_size * world * accum != t.global_batch_size:
-        raise config_lib.ConfigError(
-            f"training.micro_batch_size {t.micro_batch_size} x {world} processes x grad_accum_steps {accum} "
-            f"!= training.global_batch_size {t.global_batch_size}; change micro_batch_size or grad_accum_steps")
-    return accum
-
-
-def checkpoint_paths(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, CKPT_PATTERN)))
-
-
-def find_resume(cfg, cli_resume):
-    choice = cli_resume if cli_resume is not None else cfg.resume
-    if not choice:
-        return None
-    if choice == "auto":
-        paths = checkpoint_paths(cfg.logging.out_dir)
-        return paths[-1] if paths else None
-    if not os.path.isfile(choice):
-        raise FileNotFoundError(f"resume checkpoint {choice!r} not found")
-    return choice
-
-
-def save_checkpoint(path, keep_last, state):
-    """Write atomically (a crash mid-write leaves the previous files intact), keep the last K."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in checkpoint_paths(os.path.dirname(path))[:-keep_last]:
-        os.remove(old)
+    if t.global_batch_size % world:
+        raise config_lib.ConfigError(f"training.global_batch_size {t.global_batch_size} cannot be split over {world} "
+                                     f"processes; set it to a multiple of {world}")
+    per_rank = t.global_batch_size // world
+    if t.grad_accum_steps:
+        if t.micro_batch_size * t.grad_accum_steps != per_rank:
+            raise config_lib.ConfigError(
+                f"training.micro_batch_size {t.micro_batch_size} x {world} processes x training.grad_accum_steps "
+                f"{t.grad_accum_steps} != training.global_batch_size {t.global_batch_size}; change micro_batch_size "
+                "or grad_accum_steps (or set grad_accum_steps: null to derive it)")
+        return t.micro_batch_size, t.grad_accum_steps, None
+    micro = max(m for m in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+    note = None
+    if micro != t.micro_batch_size:
+        note = (f"training.micro_batch_size {t.micro_batch_size} lowered to {micro} so that {micro} x {world} processes "
+                f"x {per_rank // micro} accumulation = global batch {t.global_batch_size}")
+    return micro, per_rank // micro, note
 
 
 def rng_state():
@@ -118,18 +122,43 @@ def rng_state():
     return state
 
 
-def peak_memory_gb(device):
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def autocast(precision, device):
+    """The autocast context of training.mixed_precision: no (fp32) | bf16 | fp16."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                          enabled=precision != "no")
+
+
+def peak_memory_bytes(device):
+    """CUDA: the peak allocated bytes; CPU: this process's peak resident memory (bytes)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _ignore_stop_signals(_worker_id):
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step and
+    writes the stop checkpoint (schedulers and launchers signal the whole process group)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (a preempted job); checked collectively at each step boundary."""
+    """Set by SIGTERM/SIGINT (a preempted job); checked collectively at each step boundary.
+
+    Under a launcher (torchrun, accelerate launch: LOCAL_RANK is set), the kernel also sends this
+    process SIGTERM when the launcher dies, so ranks never run on as orphans."""
 
     def __init__(self):
         self.requested = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if "LOCAL_RANK" in os.environ and sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -139,11 +168,51 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class OutDirLock:
+    """An exclusive lock on out_dir/.lock held by the main process while it trains, so that a second
+    job on the same folder (a restart racing the old one) stops with a clear message."""
+
+    def __init__(self, out_dir, is_main):
+        self.file = None
+        if is_main:
+            self.file = open(os.path.join(out_dir, ".lock"), "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                self.file = None
+                raise config_lib.ConfigError(f"{out_dir} is in use by another training job ({holder}); wait for it to "
+                                             "end or set logging.out_dir to another folder") from None
+            except OSError:  # a file system without locks: run unlocked
+                pass
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.file.name)
+            self.file.close()
+            self.file = None
+
+
+def _all_ok(accelerator, ok):
+    """True on every process iff `ok` is True on every process (one all-reduce)."""
+    flag = torch.tensor(float(ok), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
+
+
 class Logger:
     """Main process: tqdm bar, stdout lines, metrics.jsonl, TensorBoard when installed and enabled."""
 
+    SHOWN = ("mse_u", "mse_v", "du_dt_norm", "grad_norm")
+
     def __init__(self, accelerator, out_dir, total, start, tensorboard):
         self.main = accelerator.is_main_process
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
         self.bar = tqdm(total=total, initial=start, disable=not self.main, dynamic_ncols=True)
         self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if self.main else None
         self.tb = None
@@ -157,6 +226,10 @@ class Logger:
     def step(self):
         self.bar.update(1)
 
+    def eta(self, step):
+        rate = (time.perf_counter() - self.t0) / max(step - self.start, 1)
+        return _clock(rate * (self.total - step))
+
     def write(self, record):
         if not self.main:
             return
@@ -166,8 +239,9 @@ class Logger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
-        shown = {k: record[k] for k in ("loss", "mse_u", "mse_v", "grad_norm", "img_per_s") if k in record}
-        self.bar.write(f"step {record['step']}: " + " ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        shown = " ".join(f"{k} {record[k]:.4g}" for k in self.SHOWN if k in record)
+        self.bar.write(f"step {record['step']}/{self.total}  {shown}  {record['img_per_s']:.0f} img/s  "
+                       f"ETA {self.eta(record['step'])}")
 
     def message(self, text):
         if self.main:
@@ -179,6 +253,11 @@ class Logger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _clock(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 
 class Window:
@@ -241,133 +320,252 @@ def build_optimizer(cfg, net):
                                ns_dtype=getattr(torch, o.ns_dtype))
 
 
-def train(cfg, resume=None):
+# ---------------------------------------------------------------- the training step
+
+@dataclasses.dataclass
+class StepParts:
+    """What a training step touches. accelerator None: one process, no wrapper (auto_batch's
+    trials); opt/ema None: gradients only (benchmarks)."""
+    net: torch.nn.Module
+    method_cfg: pmf.PMFConfig
+    precision: str
+    scaler: torch.amp.GradScaler
+    perceptual: torch.nn.Module = None
+    opt: torch.optim.Optimizer = None
+    ema: EMA = None
+    accelerator: Accelerator = None
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: torch.Tensor       # () mean pMF loss of the step's images
+    grad_norm: torch.Tensor  # () global gradient norm before the update
+    finite: bool             # loss and gradients finite on every process: the update was applied
+    metrics: dict            # {name: tensor} the step's metrics, averaged over its micro-batches
+
+
+def forward_backward(parts, x, y, draws, accum=1):
+    """One micro-batch: the pMF loss under autocast and its (loss-scaled) backward, gradients
+    accumulated. x: (B, C, H, W) in [-1, 1]; y: (B,) labels; draws: pmf.Draws of the B rows.
+    Returns (loss (), metrics {name: tensor})."""
+    with autocast(parts.precision, x.device):
+        loss, metrics = pmf.pmf_loss(parts.net, x, y, draws, parts.method_cfg, parts.perceptual)
+    parts.scaler.scale(loss / accum).backward()
+    return loss.detach(), metrics
+
+
+def train_step(parts, micro_batches, accum, step, images_per_step):
+    """One optimizer step from `accum` micro-batches [(x, y, draws)]: gradients summed over them
+    (DDP all-reduce at the last one only), unscaled, non-finite steps skipped on every process
+    alike, Muon/AdamW update, loss-scale update, EMA update after optimizer step `step` + 1."""
+    net, opt, scaler, acc = parts.net, parts.opt, parts.scaler, parts.accelerator
+    loss_sum, metrics = torch.zeros((), device=next(net.parameters()).device), Window()
+    for a, (x, y, draws) in enumerate(micro_batches):
+        last = a == accum - 1
+        with contextlib.nullcontext() if last or acc is None else acc.no_sync(net):
+            loss, micro_metrics = forward_backward(parts, x, y, draws, accum)
+        loss_sum += loss / accum
+        metrics.add(micro_metrics, 1 / accum)
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+    finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    finite = _all_ok(acc, finite) if acc is not None else finite
+    if finite:
+        scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if finite:
+        parts.ema.update(acc.unwrap_model(net) if acc is not None else net, step + 1, images_per_step)
+        metrics.add({"grad_norm": grad_norm})
+    return StepResult(loss_sum, grad_norm, finite, metrics.sums)
+
+
+# ---------------------------------------------------------------- the run
+
+def _image_shape(cfg):
+    """(input_size, in_channels) of the configured model, without allocating it."""
+    with torch.device("meta"):
+        net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
+    return net.input_size, net.in_channels
+
+
+def _checkpoint_state(step, parts, counters, streak, cfg):
+    """The checkpoint dict (checkpoint.py's format) on the main process, None elsewhere; every
+    process must call it (the RNG states are gathered)."""
+    rngs = gather_object([rng_state()])
+    acc = parts.accelerator
+    if not acc.is_main_process:
+        return None
+    return {"step": step, "model": acc.unwrap_model(parts.net).state_dict(), "emas": parts.ema.state_dicts(),
+            "ema_half_lives_kimg": list(cfg.training.ema_half_lives_kimg), "optimizer": parts.opt.state_dict(),
+            "scaler": parts.scaler.state_dict(), "rng": rngs, "counters": dict(counters),
+            "nonfinite_streak": streak, "config": config_lib.to_dict(cfg)}
+
+
+def train(cfg, resume=None, allow_config_change=False):
     """Run (or continue) training as configured. Returns the final optimizer step."""
+    stop = StopFlag()  # first, so that a preemption during start-up is not lost
     # Mixed precision is handled here, not by Accelerate (see README); cpu=True lets torchrun and
     # accelerate launch form a gloo process group on machines without CUDA.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    t = cfg.training
-    accum = resolve_accumulation(cfg, world)
-    method_cfg = config_lib.method_config(cfg)
-    resume_path = find_resume(cfg, resume)
-    os.makedirs(cfg.logging.out_dir, exist_ok=True)
+    log, lock, batches = None, None, None
+    try:
+        # -- processes and the batch split
+        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        t, out_dir = cfg.training, cfg.logging.out_dir
+        micro, accum, batch_note = resolve_batch_split(cfg, world)
+        method_cfg = config_lib.method_config(cfg)
 
-    torch.manual_seed(t.seed)  # identical initial weights on every process
-    net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
-    with accelerator.main_process_first():
-        data = data_lib.build_dataset(cfg.data, net.input_size, net.in_channels, method_cfg.num_classes)
-    perceptual = build_perceptual(cfg, method_cfg, device)
-    opt = build_optimizer(cfg, net)
-    ema = EMA(net, t.ema_half_lives_kimg, t.ema_rampup)
-    fp16 = t.mixed_precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    autocast = dict(device_type=device.type, dtype=torch.float16 if fp16 else torch.bfloat16,
-                    enabled=t.mixed_precision != "no")
+        # -- data, checked before anything is built or written
+        size, channels = _image_shape(cfg)
+        with accelerator.main_process_first():
+            data = data_lib.build_dataset(cfg.data, size, channels, method_cfg.num_classes)
+        sampler = data_lib.StepBatches(len(data), t.global_batch_size, micro, world, rank, t.seed)
 
-    step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
-    if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dicts(ckpt["emas"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, counters = ckpt["step"], ckpt["counters"]
-    net, opt = accelerator.prepare(net, opt)
-    ema.params = [[p.to(device) for p in e] for e in ema.params]
+        # -- the checkpoint to resume, checked against this config
+        notes = [batch_note] if batch_note else []
+        resume_path, ckpt = checkpoint_lib.select_resume(resume if resume is not None else cfg.resume, out_dir,
+                                                         warn=notes.append)
+        if ckpt is not None:
+            checkpoint_lib.check_resume_config(ckpt, cfg, resume_path, allow_config_change, warn=notes.append)
 
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.logging.out_dir, "config.yaml"), "w") as f:
-            json.dump(config_lib.to_dict(cfg), f, indent=2)  # JSON is valid YAML
-    sampler = data_lib.StepBatches(len(data), t.global_batch_size, t.micro_batch_size, world, rank, t.seed, step)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         collate_fn=data_lib.collate, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    total = t.max_steps or t.epochs * sampler.steps_per_epoch
-    log = Logger(accelerator, cfg.logging.out_dir, total, step, cfg.logging.tensorboard)
-    log.message(f"pMF {cfg.model.name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {world} "
-                f"processes x micro {t.micro_batch_size} x accum {accum} = {t.global_batch_size} per step, "
-                f"{len(data)} images, steps {step} -> {total}" + (f", resumed from {resume_path}" if resume_path else ""))
-    stop, window, consecutive_bad = StopFlag(), Window(), 0
-    tick = time.perf_counter()
-
-    def checkpoint():
-        rngs = gather_object([rng_state()])
+        # -- the output folder, locked for this job
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise config_lib.ConfigError(f"logging.out_dir {out_dir} is a file; set it to a folder")
         if accelerator.is_main_process:
-            state = {"step": step, "model": accelerator.unwrap_model(net).state_dict(), "emas": ema.state_dicts(),
-                     "ema_half_lives_kimg": list(t.ema_half_lives_kimg), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "counters": dict(counters),
-                     "data": {"seed": t.seed, "step": step, "epoch": step // sampler.steps_per_epoch},
-                     "config": config_lib.to_dict(cfg)}
-            save_checkpoint(os.path.join(cfg.logging.out_dir, f"ckpt-{step:08d}.pt"), cfg.logging.keep_last, state)
-        accelerator.wait_for_everyone()
+            os.makedirs(out_dir, exist_ok=True)
+        lock_ok, lock_error = True, None
+        try:
+            lock = OutDirLock(out_dir, accelerator.is_main_process)
+        except config_lib.ConfigError as err:
+            lock_ok, lock_error = False, err
+        if not _all_ok(accelerator, lock_ok):
+            raise lock_error or config_lib.ConfigError(f"{out_dir} is in use by another training job")
 
-    while step < total:
-        loss_sum, step_metrics = torch.zeros((), device=device), Window()
+        # -- model, loss, optimizer, EMAs, and the resumed state
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
+        parts = StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
+                          scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
+                          perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
+                          ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
+        step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
+        if ckpt is not None:
+            net.load_state_dict(ckpt["model"])
+            parts.opt.load_state_dict(ckpt["optimizer"])
+            parts.ema.load_state_dicts(ckpt["emas"])
+            parts.scaler.load_state_dict(ckpt["scaler"])
+            if len(ckpt.get("rng", [])) == world:
+                set_rng_state(ckpt["rng"][rank])
+            step, counters = ckpt["step"], ckpt["counters"]
+        parts.net, parts.opt = accelerator.prepare(net, parts.opt)
+        parts.ema.params = [[p.to(device) for p in e] for e in parts.ema.params]
+
+        # -- data loader from the resumed step, logger
+        if accelerator.is_main_process:
+            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+                json.dump(config_lib.to_dict(cfg), f, indent=2)  # JSON is valid YAML
+        sampler.start_step = step
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                             collate_fn=data_lib.collate, pin_memory=device.type == "cuda",
+                                             worker_init_fn=_ignore_stop_signals)
+        batches = iter(loader)
+        total = t.max_steps or t.epochs * sampler.steps_per_epoch
+        log = Logger(accelerator, out_dir, total, step, cfg.logging.tensorboard)
+        log.message(f"pMF {cfg.model.name or 'custom'}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, "
+                    f"{world} processes x micro {micro} x accum {accum} = {t.global_batch_size} per step, "
+                    f"{len(data)} images, steps {step} -> {total}"
+                    + (f", resumed from {resume_path}" if resume_path else ""))
+        for note in notes:
+            log.message(note)
+        step = _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
+        return step
+    finally:
+        del batches  # shuts the DataLoader workers down
+        if log is not None:
+            log.close()
+        if lock is not None:
+            lock.release()
+        stop.restore()
+        accelerator.end_training()
+
+
+def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters):
+    """Optimizer steps from `step` to `total` (or a stop request); logging, samples, checkpoints."""
+    t, out_dir, acc = cfg.training, cfg.logging.out_dir, parts.accelerator
+    window, streak, tick, start = Window(), 0, time.perf_counter(), time.perf_counter()
+    first_step, last_good = step, None
+
+    def micro_batches():
         for a in range(accum):
             x, y, skipped = next(batches)
             for row, where, err in skipped:
                 log.message(f"skipped undecodable image {where} (dataset row {row}): {err}")
             counters["skipped_images"] += len(skipped)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            draws = pmf.step_draws(method_cfg, sampler.rows(a), t.global_batch_size, x.shape[1:], t.seed, step,
-                                   device)
-            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(net)
-            with sync:
-                with torch.autocast(**autocast):
-                    loss, metrics = pmf.pmf_loss(net, x, y, draws, method_cfg, perceptual)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
-            step_metrics.add(metrics, 1 / accum)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
-        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        finite = bool(accelerator.reduce(finite.float(), "sum").item() == world)
-        if finite:
-            scaler.step(opt)
-            consecutive_bad = 0
+            draws = pmf.step_draws(parts.method_cfg, sampler.rows(a), t.global_batch_size, x.shape[1:], t.seed, step,
+                                   acc.device)
+            yield x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True), draws
+
+    while step < total:
+        # -- one optimizer step
+        result = train_step(parts, micro_batches(), accum, step, t.global_batch_size)
+        if result.finite:
+            streak = 0
+            window.add(result.metrics)
+            window.end_step()
         else:
             counters["skipped_steps"] += 1
-            consecutive_bad += 1
-            log.message(f"step {step}: non-finite loss or gradient (loss {loss_sum.item():.4g}, "
-                        f"grad norm {grad_norm.item():.4g}); step skipped")
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if finite:
-            ema.update(accelerator.unwrap_model(net), step + 1, t.global_batch_size)
-            window.add({**step_metrics.sums, "grad_norm": grad_norm})
-            window.end_step()
+            streak += 1
+            log.message(f"step {step}: non-finite loss or gradient (loss {result.loss.item():.4g}, "
+                        f"grad norm {result.grad_norm.item():.4g}); step skipped")
         step += 1  # a skipped step still consumes its batch: data position == step
         log.step()
-        if consecutive_bad >= t.max_consecutive_nonfinite:
-            log.close()
-            stop.restore()
-            accelerator.end_training()
-            raise RuntimeError(f"{consecutive_bad} consecutive non-finite steps at step {step}; stopping with the "
-                               f"last good checkpoint in {cfg.logging.out_dir} (try bf16 or fp32, a lower lr)")
+        if streak >= t.max_consecutive_nonfinite:
+            good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written by this run"
+            raise TrainingStopped(f"{streak} consecutive non-finite steps at step {step}; stopping: {good} "
+                                  "(try bf16 or fp32, a lower lr)")
 
+        # -- log line, sample grid
         if step % cfg.logging.log_every == 0 or step == total:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_done = max(window.steps, 1)
-            record = {"step": step, "kimg": step * t.global_batch_size / 1000, **window.summary(accelerator),
-                      "lr": opt.param_groups[0]["lr"], "step_time_s": elapsed / steps_done,
+            record = {"step": step, "kimg": step * t.global_batch_size / 1000, **window.summary(acc),
+                      "lr": parts.opt.param_groups[0]["lr"], "step_time_s": elapsed / steps_done,
                       "img_per_s": steps_done * t.global_batch_size / elapsed,
-                      "peak_mem_gb": peak_memory_gb(device), **counters}
+                      "peak_mem_gb": peak_memory_bytes(acc.device) / 2 ** 30, **counters}
             log.write(record)
-        if step % cfg.logging.sample_every == 0 or step == total:
-            if accelerator.is_main_process:
-                path = os.path.join(cfg.logging.out_dir, f"samples-{step:08d}.png")
-                rows = save_samples(path, ema.state_dict(cfg.sampling.ema), cfg, method_cfg, device)
-                log.message(f"wrote {path} (grid rows are classes {rows})")
-        stopping = bool(accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item())
-        if step % cfg.logging.ckpt_every == 0 or step == total or stopping:
-            checkpoint()
+        if acc.is_main_process and (step % cfg.logging.sample_every == 0 or step == total):
+            path = os.path.join(out_dir, f"samples-{step:08d}.png")
+            rows = save_samples(path, parts.ema.state_dict(cfg.sampling.ema), cfg, parts.method_cfg, acc.device)
+            log.message(f"wrote {path} (grid rows are classes {rows})")
+
+        # -- checkpoint: periodic ones only after a finite step; the last one and a stop always
+        stopping = not _all_ok(acc, not stop.requested)
+        if (streak == 0 and step % cfg.logging.ckpt_every == 0) or step == total or stopping:
+            state = _checkpoint_state(step, parts, counters, streak, cfg)
+            path = checkpoint_lib.path_for(out_dir, step)
+            error = None
+            if acc.is_main_process:
+                try:
+                    checkpoint_lib.save(path, state, cfg.logging.keep_last)
+                except checkpoint_lib.CheckpointError as err:  # a full disk: every process stops
+                    error = err
+            if not _all_ok(acc, error is None):
+                raise error or checkpoint_lib.CheckpointError(f"the main process could not write {path}")
+            log.message(f"saved {path}" + (f" (after {streak} non-finite steps)" if streak else ""))
+            last_good = path if streak == 0 else last_good
         if stopping:
             log.message(f"stop requested: checkpoint written at step {step}; resume with --resume auto")
             break
-    log.close()
-    stop.restore()
-    accelerator.end_training()
+
+    # -- summary
+    elapsed = time.perf_counter() - start
+    log.message(f"done: steps {first_step} -> {step} in {_clock(elapsed)} "
+                f"({(step - first_step) * t.global_batch_size / max(elapsed, 1e-9):.0f} img/s); checkpoints "
+                f"{os.path.join(out_dir, 'ckpt-*.pt')}, samples {os.path.join(out_dir, 'samples-*.png')}, "
+                f"metrics {os.path.join(out_dir, 'metrics.jsonl')} (python plot.py {out_dir})")
+    if last_good:
+        log.message(f"evaluate: python eval.py --ckpt {last_good} --ref-from-config")
     return step
 
 
@@ -377,7 +575,7 @@ def main(argv=None):
         cfg = config_lib.load_config(args.config, args.overrides)
     except config_lib.ConfigError as err:
         sys.exit(f"config error: {err}")
-    train(cfg, args.resume)
+    train(cfg, args.resume, args.allow_config_change)
 
 
 if __name__ == "__main__":

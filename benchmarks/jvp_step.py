@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import config as config_lib  # noqa: E402
 import model as model_lib  # noqa: E402
 import perceptual as perceptual_lib  # noqa: E402
 import pmf  # noqa: E402
+import train  # noqa: E402
 
 VARIANTS = ("fm", "fm_uv", "forward", "tangent", "func_jvp", "pmf", "pmf_perc", "split", "reference")
 
@@ -115,13 +115,10 @@ def setup(args):
     x = (torch.rand(args.batch, net.in_channels, net.input_size, net.input_size, generator=gen) * 2 - 1).to(device)
     y = torch.randint(0, method.num_classes, (args.batch,), generator=gen).to(device)
     draws = pmf.step_draws(method, range(args.batch), args.batch, x.shape[1:], 0, 0, device)
-    precision = cfg.training.mixed_precision
-    autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                    enabled=precision != "no")
-    return net, method, x, y, draws, autocast
+    return net, method, x, y, draws, cfg.training.mixed_precision
 
 
-def step_fn(variant, net, method, x, y, d, autocast):
+def step_fn(variant, net, method, x, y, d, precision):
     """One step of `variant` (see the module docstring) as a closure."""
     t, ones = d.t, torch.ones_like(d.t)
     z = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * d.e
@@ -135,9 +132,15 @@ def step_fn(variant, net, method, x, y, d, autocast):
         net = copy.deepcopy(net)
         net.recompute_v_head = False
     loss_net = FuncJvpNet(net) if variant == "reference" else net
+    parts = train.StepParts(net=loss_net, method_cfg=loss_cfg, precision=precision, perceptual=perc,
+                            scaler=torch.amp.GradScaler(x.device.type, enabled=False))
 
     def run():
-        with torch.autocast(**autocast):
+        if variant in ("pmf", "pmf_perc", "split", "reference"):
+            train.forward_backward(parts, x, y, d)  # the micro-step of train.train_step
+            net.zero_grad(set_to_none=True)
+            return
+        with train.autocast(precision, x.device):
             if variant in ("fm", "fm_uv"):
                 c = t.clamp(method.t_clip, 1)[:, None, None, None]
                 outs = net(z, 0 * t, ones, 0 * t, ones, y, heads="u" if variant == "fm" else "uv")
@@ -150,8 +153,6 @@ def step_fn(variant, net, method, x, y, d, autocast):
                     net(z, *cond, heads="u", tangent=(d.e - x, ones))
             elif variant == "func_jvp":
                 pmf.du_dt_jvp(net, z, t, d.r, d.omega, d.t_min, d.t_max, y, d.e - x, method)
-            else:
-                pmf.pmf_loss(loss_net, x, y, d, loss_cfg, perc)[0].backward()
         net.zero_grad(set_to_none=True)
     return run
 
@@ -164,9 +165,9 @@ def runnable(variants, net):
 def timing_child(args):
     """Every variant in this one process, interleaved: two warm-up rounds, then --repeats rounds
     that each time one step of every variant, so that drift in the machine's speed hits all alike."""
-    net, method, x, y, draws, autocast = setup(args)
+    net, method, x, y, draws, precision = setup(args)
     variants = runnable(args.variants.split(","), net)
-    runs = {v: step_fn(v, net, method, x, y, draws, autocast) for v in variants}
+    runs = {v: step_fn(v, net, method, x, y, draws, precision) for v in variants}
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
     times = {v: [] for v in variants}
     for round_ in range(2 + args.repeats):
@@ -182,13 +183,12 @@ def timing_child(args):
 
 def memory_child(args):
     """Peak memory of one variant alone in this process over two steps (module docstring)."""
-    net, method, x, y, draws, autocast = setup(args)
-    run = step_fn(args.memory_child, net, method, x, y, draws, autocast)
-    cuda = x.device.type == "cuda"
-    setup_peak = torch.cuda.max_memory_allocated(x.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    net, method, x, y, draws, precision = setup(args)
+    run = step_fn(args.memory_child, net, method, x, y, draws, precision)
+    setup_peak = train.peak_memory_bytes(x.device)
     for _ in range(2):
         run()
-    peak = torch.cuda.max_memory_allocated(x.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = train.peak_memory_bytes(x.device)
     print(json.dumps({"peak": peak, "setup": setup_peak}))
 
 
@@ -196,9 +196,9 @@ def matmul_flops_per_second(args):
     """Best achieved FLOP/s over the block's matmul shapes, (B*L, D) x (D, D), (B*L, D) x (D, F)
     and (B*L, F) x (F, D), in the step's matmul dtype: the fastest of 20 products into a
     preallocated output (the machine's matmul peak, without allocation costs)."""
-    net, method, x, *_, autocast = setup(args)
+    net, method, x, *_, precision = setup(args)
     d, width, rows = net.pos_embed.shape[-1], net.u_head[0].mlp.w1.out_features, args.batch * net.pos_embed.shape[1]
-    dtype = autocast["dtype"] if autocast["enabled"] else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     best = 0.0
     for inner, outer in ((d, d), (d, width), (width, d)):
         a = torch.randn(rows, inner, device=x.device, dtype=dtype)

@@ -20,6 +20,7 @@ def test_search_doubles_then_bisects():
     best, rows = ab.search(fits_up_to_37, 3700, 1024)
     assert best == 37 and tried[:7] == [1, 2, 4, 8, 16, 32, 64] and tried[7:] == [48, 40, 36, 38, 37][:len(tried) - 7]
     assert ab.search(fits_up_to_37, 3700, 20)[0] == 20  # capped at max_batch
+    assert ab.choose_micro(64, 64, 1) == (64, 1)  # a full batch that fits is used whole (the margin is memory)
     with pytest.raises(ab.AutoBatchError, match="even batch 1 does not fit: it needed 0.00 GB"):
         ab.search(lambda b: (False, 1000, None), 10, 64)
 
@@ -27,11 +28,11 @@ def test_search_doubles_then_bisects():
 @pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
 def test_micro_times_world_times_accum_is_the_global_batch(world):
     for largest in (1, 7, 9, 50, 100, 5000):
-        micro, accum = ab.choose_micro(largest, 0.1, 1024, world)
+        micro, accum = ab.choose_micro(largest, 1024, world)
         assert micro * world * accum == 1024 and micro <= max(1, largest)
         assert micro < 8 or micro % 8 == 0
     with pytest.raises(ab.AutoBatchError, match="not divisible by 3 processes"):
-        ab.choose_micro(64, 0.1, 1024, 3)
+        ab.choose_micro(64, 1024, 3)
 
 
 def test_rewrite_keeps_every_other_byte_and_validates(tmp_path):

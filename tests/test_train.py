@@ -1,5 +1,6 @@
 """train.py end to end on tiny models: resume exactness, preemption, DDP/accumulation equivalence,
 Parquet with a corrupt image, non-finite steps, start-up errors."""
+import errno
 import json
 import os
 import signal
@@ -7,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
+import checkpoint
 import config
 import pmf
 import train
@@ -54,7 +57,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert run(tmp_path / "split", resume="auto") == 4
     a, b = load(tmp_path / "straight", 4), load(tmp_path / "split", 4)
     assert_same_state(a, b)
-    assert a["step"] == 4 and a["data"]["step"] == 4 and len(a["rng"]) == 1
+    assert a["step"] == 4 and a["format"] == checkpoint.FORMAT_VERSION and len(a["rng"]) == 1
     assert config.from_dict(a["config"]).training.max_steps == 4
     assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path / "straight"))
     lines = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
@@ -87,26 +90,73 @@ def test_accumulation_and_two_processes_match_one_process(tmp_path):
     assert moved > 0.1  # the runs really trained
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_completes_identically(tmp_path):
-    run(tmp_path / "straight", "training.max_steps=30", "logging.ckpt_every=100")
-    out = tmp_path / "preempted"
-    cmd = [sys.executable, "train.py", "--config", "config.yaml",
-           *tiny(out, "training.max_steps=30", "logging.ckpt_every=100")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _signal_after_three_log_lines(proc, out, send):
+    """Wait for three lines of out/metrics.jsonl, call send(), return the process's output."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
+            send()
             break
         time.sleep(0.05)
-    output = proc.communicate(timeout=120)[0].decode()
+    return (proc.communicate(timeout=180)[0] or b"").decode()
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path):
+    # Slurm signals the whole process group: the DataLoader worker must not die first
+    run(tmp_path / "straight", "training.max_steps=30", "logging.ckpt_every=100")
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "train.py", "--config", "config.yaml",
+           *tiny(out, "training.max_steps=30", "logging.ckpt_every=100", "data.num_workers=1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    output = _signal_after_three_log_lines(proc, out, lambda: os.killpg(proc.pid, signal.SIGTERM))
     assert proc.returncode == 0, output
-    saved = train.checkpoint_paths(str(out))
-    assert len(saved) == 1 and "stop requested" in output
+    saved = checkpoint.paths(str(out))
+    assert len(saved) == 1 and "stop requested" in output and "Traceback" not in output
     stopped_at = torch.load(saved[0], weights_only=True)["step"]
     assert 3 <= stopped_at < 30
     assert run(out, "training.max_steps=30", "logging.ckpt_every=100", resume="auto") == 30
     assert_same_state(load(tmp_path / "straight", 30), load(out, 30))
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resumes_on_one_process(tmp_path):
+    run(tmp_path / "straight", "training.max_steps=30", "logging.ckpt_every=100")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--config", "config.yaml", *tiny(out, "training.max_steps=30", "logging.ckpt_every=100",
+                                             "training.micro_batch_size=4", "data.num_workers=1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    output = _signal_after_three_log_lines(proc, out, lambda: proc.send_signal(signal.SIGTERM))
+    saved = checkpoint.paths(str(out))
+    assert len(saved) == 1 and output.count("stop requested") == 1, output
+    assert "ChildFailedError" not in output and "exitcode" not in output, output  # no rank failed
+    state = torch.load(saved[0], weights_only=True)
+    assert 3 <= state["step"] < 30 and len(state["rng"]) == 2
+    assert run(out, "training.max_steps=30", "logging.ckpt_every=100", resume="auto") == 30  # now 1 process
+    assert_same_state(load(tmp_path / "straight", 30), load(out, 30), exact=False)
+
+
+def test_ranks_whose_launcher_is_killed_stop_with_a_checkpoint_instead_of_running_on(tmp_path):
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--config", "config.yaml", *tiny(out, "training.max_steps=200", "logging.ckpt_every=1000",
+                                             "training.micro_batch_size=4")]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks = []
+
+    def kill_the_launcher():
+        ranks.extend(psutil.Process(launcher.pid).children())
+        launcher.kill()
+
+    _signal_after_three_log_lines(launcher, out, kill_the_launcher)
+    assert len(ranks) == 2
+    gone, alive = psutil.wait_procs(ranks, timeout=180)
+    for proc in alive:
+        proc.kill()
+    assert not alive and len(checkpoint.paths(str(out))) == 1
+    assert torch.load(checkpoint.paths(str(out))[0], weights_only=True)["step"] < 200
 
 
 def test_parquet_with_a_corrupt_image_trains_and_counts_it(tmp_path):
@@ -133,9 +183,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
     calls.clear()
     poisoned = set(range(3, 100))
-    with pytest.raises(RuntimeError, match="2 consecutive non-finite steps"):
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite steps") as stopped:
         run(tmp_path / "two", "training.max_steps=8", "training.max_consecutive_nonfinite=2")
-    assert [os.path.basename(p) for p in train.checkpoint_paths(str(tmp_path / "two"))] == ["ckpt-00000002.pt"]
+    assert str(stopped.value).endswith("the last good checkpoint is "
+                                       f"{tmp_path / 'two' / 'ckpt-00000002.pt'} (try bf16 or fp32, a lower lr)")
+    assert [os.path.basename(p) for p in checkpoint.paths(str(tmp_path / "two"))] == ["ckpt-00000002.pt"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -147,10 +199,65 @@ def test_mixed_precision_steps_are_finite(tmp_path, precision):
 
 def test_start_up_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        run(tmp_path, "data.source=parquet", f"data.path={tmp_path / 'nowhere'}")
-    with pytest.raises(FileNotFoundError, match="resume checkpoint"):
+        run(tmp_path / "new", "data.source=parquet", f"data.path={tmp_path / 'nowhere'}")
+    assert not os.path.exists(tmp_path / "new")  # nothing written before the data is found
+    with pytest.raises(checkpoint.CheckpointError, match="resume checkpoint"):
         run(tmp_path, resume=str(tmp_path / "missing.pt"))
     result = subprocess.run([sys.executable, "train.py", "training.micro_batch_size=48"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "config error: training.global_batch_size 1024 is not a multiple" in result.stderr
-    assert not train.checkpoint_paths(str(tmp_path))
+    assert not checkpoint.paths(str(tmp_path))
+
+
+def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_older_checkpoints(tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(checkpoint.CheckpointError, match="could not write ckpt-00000002.pt .*no space left on device"):
+        run(tmp_path, "logging.ckpt_every=1")
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckpt")] == ["ckpt-00000001.pt"]
+
+
+def test_resume_refuses_a_config_that_changes_the_run_unless_asked(tmp_path):
+    run(tmp_path, "training.max_steps=2")
+    with pytest.raises(checkpoint.CheckpointError, match="method.P_mean: None -> 0.1"):
+        run(tmp_path, "training.max_steps=3", "method.P_mean=0.1", resume="auto")
+    cfg = config.load_config(None, tiny(tmp_path, "training.max_steps=3", "method.P_mean=0.1"))
+    assert train.train(cfg, "auto", allow_config_change=True) == 3
+
+
+def test_a_second_job_on_the_same_out_dir_is_refused(tmp_path):
+    held = train.OutDirLock(str(tmp_path), is_main=True)
+    try:
+        with pytest.raises(config.ConfigError, match=f"{tmp_path} is in use by another training job \\(pid "):
+            train.OutDirLock(str(tmp_path), is_main=True)
+    finally:
+        held.release()
+    train.OutDirLock(str(tmp_path), is_main=True).release()  # free again
+    assert not os.path.exists(tmp_path / ".lock")
+
+
+@pytest.mark.parametrize("global_batch, micro, world, expected", [(64, 64, 2, (32, 1)), (64, 64, 1, (64, 1)),
+                                                                  (64, 16, 2, (16, 2)), (96, 48, 4, (24, 1))])
+def test_micro_batch_is_lowered_to_split_the_global_batch(global_batch, micro, world, expected):
+    cfg = config.load_config(None, [f"training.global_batch_size={global_batch}", f"training.micro_batch_size={micro}"])
+    got_micro, got_accum, note = train.resolve_batch_split(cfg, world)
+    assert (got_micro, got_accum) == expected and got_micro * world * got_accum == global_batch
+    assert (note is None) == (got_micro == micro)
+
+
+def test_batch_splits_that_cannot_hold_name_the_key_to_change():
+    cfg = config.load_config(None, ["training.global_batch_size=64", "training.micro_batch_size=8"])
+    with pytest.raises(config.ConfigError, match="cannot be split over 3 processes; set it to a multiple of 3"):
+        train.resolve_batch_split(cfg, 3)
+    cfg = config.load_config(None, ["training.global_batch_size=64", "training.micro_batch_size=8",
+                                    "training.grad_accum_steps=4"])
+    with pytest.raises(config.ConfigError, match="training.grad_accum_steps 4 != training.global_batch_size 64"):
+        train.resolve_batch_split(cfg, 1)
