@@ -372,12 +372,23 @@ def train(cfg, resume=None):
 
 
 def main(argv=None):
+    """CLI entry. Bad input (config, data, a file path, the launch) ends as one line on stderr,
+    `<kind> error: <what and the fix>`, with exit status 1; other errors keep their traceback."""
     args = parse_args(argv)
+    world_vars = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_ADDR" in os.environ and not any(
+            v in os.environ for v in world_vars):  # what `accelerate launch --cpu --num_processes N` leaves
+        sys.exit("launch error: accelerate launch --cpu starts one process whatever --num_processes says (MASTER_ADDR "
+                 "is set, WORLD_SIZE is not); for N CPU processes run accelerate launch --multi_gpu --num_processes "
+                 "N train.py or torchrun --nproc_per_node=N train.py")
     try:
-        cfg = config_lib.load_config(args.config, args.overrides)
+        train(config_lib.load_config(args.config, args.overrides), args.resume)
     except config_lib.ConfigError as err:
         sys.exit(f"config error: {err}")
-    train(cfg, args.resume)
+    except data_lib.DataError as err:
+        sys.exit(f"data error: {err}")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else f"error: {err}")
 
 
 if __name__ == "__main__":
