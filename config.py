@@ -155,6 +155,9 @@ def _closest(key, candidates):
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(candidates)}"
 
 
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # still accepted where a boolean is expected
+
+
 def _coerce(value, annotation, key):
     """Check `value` against a field annotation; ints are accepted where floats are expected."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -163,6 +166,7 @@ def _coerce(value, annotation, key):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if annotation is bool:
+        value = _YAML11_BOOLS.get(value.lower(), value) if isinstance(value, str) else value
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
@@ -273,7 +277,8 @@ def method_config(cfg):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with the YAML 1.2 core schema's floats (`1e-4`, `1E5`, `.5`) and
-    booleans (only true/false); ints, null and strings are resolved as before."""
+    booleans (only true/false: `no` stays a string for training.mixed_precision; boolean keys still
+    take yes/no/on/off); ints, null and strings are resolved as before."""
 
 
 _FLOAT, _BOOL = "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"

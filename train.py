@@ -383,12 +383,11 @@ def main(argv=None):
                  "N train.py or torchrun --nproc_per_node=N train.py")
     try:
         train(config_lib.load_config(args.config, args.overrides), args.resume)
-    except config_lib.ConfigError as err:
-        sys.exit(f"config error: {err}")
-    except data_lib.DataError as err:
-        sys.exit(f"data error: {err}")
+    except (config_lib.ConfigError, data_lib.DataError) as err:
+        kind = "config" if isinstance(err, config_lib.ConfigError) else "data"
+        sys.exit(f"{kind} error: " + " ".join(str(err).splitlines()))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else f"error: {err}")
+        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else "error: " + " ".join(str(err).splitlines()))
 
 
 if __name__ == "__main__":
