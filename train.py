@@ -381,14 +381,15 @@ def main(argv=None):
         sys.exit("launch error: accelerate launch --cpu starts one process whatever --num_processes says (MASTER_ADDR "
                  "is set, WORLD_SIZE is not); for N CPU processes run accelerate launch --multi_gpu --num_processes "
                  "N train.py or torchrun --nproc_per_node=N train.py")
+    one_line = lambda err: " ".join(str(err).splitlines())  # noqa: E731 (embedded library messages)
     try:
         train(config_lib.load_config(args.config, args.overrides), args.resume)
-    except (config_lib.ConfigError, data_lib.DataError) as err:
-        kind = "config" if isinstance(err, config_lib.ConfigError) else "data"
-        sys.exit(f"{kind} error: " + " ".join(str(err).splitlines()))
+    except config_lib.ConfigError as err:
+        sys.exit(f"config error: {one_line(err)}")
+    except data_lib.DataError as err:
+        sys.exit(f"data error: {one_line(err)}")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else "error: " + " ".join(str(err).splitlines()))
-
+        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else f"error: {one_line(err)}")
 
 if __name__ == "__main__":
     main()
