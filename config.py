@@ -5,9 +5,9 @@
 Every section is a dataclass; unknown keys, wrong types, impossible values, YAML syntax errors and
 an unusable logging.out_dir raise ConfigError naming the key or file (and the closest valid key for
 typos) before any work starts. Files and overrides are read with YAML 1.2 core-schema numbers and
-booleans: `1e-4` is a float (YAML 1.1, PyYAML's default, reads it as a string) and `no` is a string
-(boolean keys still take yes/no/on/off). `to_dict(cfg)` is plain data (str, int, float, bool, None, lists, dicts), safe for
-`torch.load(weights_only=True)`.
+booleans: `1e-4` is a float (YAML 1.1, PyYAML's default, reads it as a string) and `no` is a
+string (boolean keys still take yes/no/on/off). `to_dict(cfg)` is plain data (str, int, float,
+bool, None, lists, dicts), safe for `torch.load(weights_only=True)`.
 """
 import dataclasses
 import difflib
