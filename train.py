@@ -430,8 +430,6 @@ def train(cfg, resume=None, allow_config_change=False):
             checkpoint_lib.check_resume_config(ckpt, cfg, resume_path, allow_config_change, warn=notes.append)
 
         # -- the output folder, locked for this job
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise config_lib.ConfigError(f"logging.out_dir {out_dir} is a file; set it to a folder")
         if accelerator.is_main_process:
             os.makedirs(out_dir, exist_ok=True)
         lock_ok, lock_error = True, None
@@ -570,13 +568,28 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
 
 
 def main(argv=None):
+    """CLI entry. Bad input (config, data, a file path, the launch) ends as one line on stderr,
+    `<kind> error: <what and the fix>`, with exit status 1; other errors keep their traceback."""
     args = parse_args(argv)
+    world_vars = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_ADDR" in os.environ and not any(
+            v in os.environ for v in world_vars):  # what `accelerate launch --cpu --num_processes N` leaves
+        sys.exit("launch error: accelerate launch --cpu starts one process whatever --num_processes says (MASTER_ADDR "
+                 "is set, WORLD_SIZE is not); for N CPU processes run accelerate launch --multi_gpu --num_processes "
+                 "N train.py or torchrun --nproc_per_node=N train.py")
+    one_line = lambda err: " ".join(str(err).splitlines())  # noqa: E731 (embedded library messages)
     try:
-        cfg = config_lib.load_config(args.config, args.overrides)
+        train(config_lib.load_config(args.config, args.overrides), args.resume, args.allow_config_change)
     except config_lib.ConfigError as err:
-        sys.exit(f"config error: {err}")
-    train(cfg, args.resume, args.allow_config_change)
-
+        sys.exit(f"config error: {one_line(err)}")
+    except data_lib.DataError as err:
+        sys.exit(f"data error: {one_line(err)}")
+    except checkpoint_lib.CheckpointError as err:
+        sys.exit(f"checkpoint error: {one_line(err)}")
+    except TrainingStopped as err:
+        sys.exit(f"training stopped: {one_line(err)}")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else f"error: {one_line(err)}")
 
 if __name__ == "__main__":
     main()
