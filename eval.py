@@ -71,7 +71,8 @@ def load_generator(path, ema="-1", model_name=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails with many error types on a damaged file
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
-        raise EvalError(f"checkpoint {path} is truncated or not a torch file ({type(err).__name__}: {reason})") from None
+        raise EvalError(f"checkpoint {path} is truncated or not a torch file "
+                        f"({type(err).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise EvalError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
     if "config" in state and "model" in state:  # ours
@@ -412,21 +413,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from a pMF checkpoint and compute FID / IS.",
                                 formatter_class=_HelpWithDefaults)
     p.add_argument("--ckpt", required=True, help="our checkpoint or an authors' release file (pMF-B-16.pt ...)")
-    p.add_argument("--model", default=None, help="preset of an authors' release file, e.g. pMF-B/16 (default: read from our checkpoint)")
-    p.add_argument("--ema", default="-1", help="EMA index of our checkpoint (-1 = the last of training.ema_half_lives_kimg) or 'raw'")
+    p.add_argument("--model", default=None,
+                   help="preset of an authors' release file, e.g. pMF-B/16 (default: read from our checkpoint)")
+    p.add_argument("--ema", default="-1",
+                   help="EMA index of our checkpoint (-1 = the last of training.ema_half_lives_kimg) or 'raw'")
     p.add_argument("--num-samples", type=_positive_int, default=50000, help="N, class-balanced")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
     p.add_argument("--omega", type=float, default=None,
-                   help="CFG scale (default: the checkpoint's sampling config, or the recommendation for a release file)")
+                   help="CFG scale (default: the checkpoint's sampling config, or the recommendation for a "
+                        "release file)")
     p.add_argument("--t-min", type=float, default=None, help="CFG interval start (default: as --omega)")
     p.add_argument("--t-max", type=float, default=None, help="CFG interval end (default: as --omega)")
     p.add_argument("--steps", type=_positive_int, default=1, help="network evaluations per sample")
-    p.add_argument("--noise-scale", type=float, default=None, help="override the noise scale (default: the checkpoint's)")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="override the noise scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=42, help="noise of index i is seeded with i XOR seed")
     p.add_argument("--out-dir", default=None,
                    help="folder of the run folders, one per setting (default: <ckpt dir>/eval)")
     p.add_argument("--ref-stats", default=None, help=".npz with mu and sigma (JiT, ADM or pMF style) (default: no FID)")
-    p.add_argument("--ref-from-config", default=None, help="compute reference stats from this config's data (instead of --ref-stats)")
+    p.add_argument("--ref-from-config", default=None,
+                   help="compute reference stats from this config's data (instead of --ref-stats)")
     p.add_argument("--ref-split", default=None,
                    help="split for --ref-from-config: a Parquet file prefix or MNIST's train/test "
                         "(default: the config's data.split)")

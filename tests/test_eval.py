@@ -55,7 +55,8 @@ def test_sampling_is_identical_across_processes_and_resumes(tmp_path, ckpts):
     assert result["num_samples"] == 12 and result["weights"] == "ema 0.05 kimg" and result["checkpoint_sha256"]
     arr = np.load(os.path.join(one_dir, "samples_12.npz"))["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (12, 16, 16, 3)
-    assert np.load(os.path.join(one_dir, "samples_12.npz"))["arr_1"].tolist() == ev.class_labels(range(12), 12, 10).tolist()
+    labels = np.load(os.path.join(one_dir, "samples_12.npz"))["arr_1"]
+    assert labels.tolist() == ev.class_labels(range(12), 12, 10).tolist()
     assert os.path.isfile(os.path.join(one_dir, "grid.png"))
     for name in list(one)[3:7]:  # an interrupted run: some files never written
         os.remove(os.path.join(one_dir, name))
@@ -116,7 +117,8 @@ def test_run_folders_keep_checkpoints_and_settings_apart(ckpts):
         ev.main(["--ckpt", ckpt, *common])
     base = os.path.join(os.path.dirname(ckpts[2]), "eval")
     first, second = _run_dirs(base)
-    assert os.path.basename(first).startswith("ckpt-00000002-") and os.path.basename(second).startswith("ckpt-00000004-")
+    assert os.path.basename(first).startswith("ckpt-00000002-")
+    assert os.path.basename(second).startswith("ckpt-00000004-")
     for step, run in ((2, first), (4, second)):
         manifest = json.load(open(os.path.join(run, ev.MANIFEST)))
         assert manifest["checkpoint_sha256"] == metrics.sha256(ckpts[step])
@@ -270,9 +272,6 @@ def test_reference_statistics_come_from_the_chosen_split(tmp_path, capsys):
     with np.load(path) as ref:
         assert np.array_equal(ref["mu"], expected_mu) and np.array_equal(ref["sigma"], expected_sigma)
         assert ref["num_images"] == 5 and str(ref["split"]) == "test"
-    train_path = ev.reference_from_data(config, str(tmp_path), _pixels, limit=5)  # the config's split
-    assert os.path.basename(train_path) == "ref_stats-quickstart-train-5.npz"
-    assert not np.array_equal(np.load(train_path)["mu"], expected_mu)
     with pytest.raises(ev.EvalError, match="MNIST has the splits train and test"):
         ev.reference_from_data(config, str(tmp_path), _pixels, split="val")
 
@@ -281,8 +280,9 @@ def test_reference_split_of_parquet_is_the_file_prefix(tmp_path):
     from test_dataset import write_parquet_imagenet
     write_parquet_imagenet(tmp_path / "data", n=6, shards=1, corrupt=())
     config = tmp_path / "parquet.yaml"
-    config.write_text(f"model: {{input_size: 16, in_channels: 3, num_classes: 3, depth: 1, hidden_size: 32, "
-                      f"num_heads: 2, patch_size: 4, head_depth: 1}}\ndata: {{source: parquet, path: {tmp_path / 'data'}}}\n")
+    config.write_text("model: {input_size: 16, in_channels: 3, num_classes: 3, depth: 1, hidden_size: 32, "
+                      "num_heads: 2, patch_size: 4, head_depth: 1}\n"
+                      f"data: {{source: parquet, path: {tmp_path / 'data'}}}\n")
     with pytest.raises(ev.EvalError, match="split 'val'.*no 'val-\\*.parquet' files"):
         ev.reference_from_data(str(config), str(tmp_path), _pixels, split="val")
     os.rename(tmp_path / "data" / "train-00000-of-00001.parquet", tmp_path / "data" / "val-00000-of-00001.parquet")
