@@ -178,6 +178,7 @@ BAD_ARGUMENTS = {
     "steps": (["--steps", "0"], "--steps: must be >= 1, got 0"),
     "batch": (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     "samples": (["--num-samples", "-3"], "--num-samples: must be >= 1, got -3"),
+    "samples_text": (["--sweep-samples", "1e4"], "--sweep-samples: expected an integer, got '1e4'"),
     "ema": (["--ema", "7"], "has 2 EMAs (half-lives 0.01, 0.05 kimg): EMA index 7 does not exist"),
     "sweep_ema": (["--sweep-ema", "0,raw,2"], "EMA index 2 does not exist"),
     "ema_text": (["--ema", "best"], "--ema 'best' is neither an EMA index nor 'raw'"),
