@@ -98,8 +98,9 @@ def read(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, empty, not a torch file, or pickled objects
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, empty or not a torch file: "
-                              f"{type(err).__name__})") from None
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"checkpoint {path} is truncated or not a torch file "
+                              f"({type(err).__name__}: {reason})") from None
 
 
 def is_training_checkpoint(state):

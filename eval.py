@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import checkpoint as checkpoint_lib
 import config as config_lib
 import metrics
 import model as model_lib
@@ -65,17 +66,13 @@ def load_generator(path, ema="-1", model_name=None):
     checkpoint's own `sampling` config, or the port's recommendation for a release file's preset.
     ema: "raw" or an EMA index (our checkpoints); model_name: the preset of an authors' file.
     """
-    if not os.path.isfile(path):
-        raise EvalError(f"checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load fails with many error types on a damaged file
-        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
-        raise EvalError(f"checkpoint {path} is truncated or not a torch file "
-                        f"({type(err).__name__}: {reason})") from None
+        state = checkpoint_lib.read(path)
+    except checkpoint_lib.CheckpointError as err:
+        raise EvalError(str(err)) from None
     if not isinstance(state, dict):
         raise EvalError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
-    if "config" in state and "model" in state:  # ours
+    if checkpoint_lib.is_training_checkpoint(state):  # ours
         cfg = config_lib.from_dict(state["config"])
         name, overrides = cfg.model.name, config_lib.model_overrides(cfg)
         method = config_lib.method_config(cfg)

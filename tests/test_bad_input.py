@@ -289,7 +289,7 @@ def test_missing_resume_checkpoint_is_one_line(tmp_path):
     assert message.startswith("checkpoint error: resume checkpoint ") and "missing.pt not found" in message
 
 
-@pytest.mark.parametrize("content, words", [(b"", "is unreadable"), (b"just text", "is unreadable"),
+@pytest.mark.parametrize("content, words", [(b"", "is truncated or not a torch file"), (b"just text", "is truncated or not a torch file"),
                                             ("weights", "not a training checkpoint")])
 def test_a_damaged_or_weights_only_resume_file_is_one_line(tmp_path, content, words):
     path = tmp_path / "ckpt.pt"

@@ -62,7 +62,7 @@ def test_auto_resume_skips_an_unreadable_newest_checkpoint(tmp_path, damage):
     warnings = []
     path, state = checkpoint.select_resume("auto", str(tmp_path), warn=warnings.append)
     assert path == checkpoint.path_for(str(tmp_path), 2) and state["step"] == 2
-    assert len(warnings) == 1 and "ckpt-00000003.pt is unreadable" in warnings[0]
+    assert len(warnings) == 1 and "ckpt-00000003.pt is truncated or not a torch file" in warnings[0]
     assert checkpoint.select_resume("auto", str(tmp_path / "empty")) == (None, None)
     assert checkpoint.select_resume("", str(tmp_path)) == (None, None)
 
@@ -81,7 +81,7 @@ def test_a_weights_only_file_or_a_damaged_one_is_not_a_training_checkpoint(tmp_p
     with pytest.raises(checkpoint.CheckpointError, match="not a training checkpoint .*training.init_from.*eval.py"):
         checkpoint.load_training(str(tmp_path / "weights.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(checkpoint.CheckpointError, match="junk.pt is unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="junk.pt is truncated or not a torch file"):
         checkpoint.load_training(str(tmp_path / "junk.pt"))
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
         checkpoint.load_training(str(tmp_path / "missing.pt"))
