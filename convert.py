@@ -43,7 +43,8 @@ def _flax_checkpoints():
     try:
         from flax.training import checkpoints
     except ImportError as err:
-        raise ConvertError(f"reading JAX checkpoints needs jax, flax and orbax-checkpoint X: {EXTRA_HINT}") from None
+        raise ConvertError(f"reading JAX checkpoints needs jax, flax and orbax-checkpoint ({err.name or err} is "
+                           f"missing): {EXTRA_HINT}") from None
     return checkpoints
 
 

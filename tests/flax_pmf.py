@@ -281,6 +281,13 @@ def official_train_state(net, ema_half_lives, steps, seed=0):
     return state
 
 
+def official_inference_state(net, ema_half_life, seed=0):
+    """The state `just_evaluate` restores: eval-build params, optax.sgd(0), one EMA."""
+    params = randomised_params(net, seed)
+    ema = randomised_params(net, seed + 1)
+    return TrainState.create(apply_fn=net.apply, params=params, tx=optax.sgd(0.0), ema_params={ema_half_life: ema})
+
+
 @jax.jit
 def update(state, grads):
     """One optimizer step of the official TrainState (`train.py` `train_step`, after the gradient)."""

@@ -114,7 +114,7 @@ def official_leaf(tree, name):
 def test_optimizer_state_lands_where_muonadamw_reads_it(jax_side, converted):
     import train
     _, state, _ = jax_side
-    ckpt, _, _ = converted
+    ckpt = torch.load(converted[2], weights_only=True)  # loading aliases the tensors; a step would change them
     cfg = config_lib.from_dict(ckpt["config"])
     net = ours(ckpt, ckpt["model"], torch.float32).train()
     opt = train.build_optimizer(cfg, net)
@@ -149,7 +149,7 @@ def test_next_step_continues_the_official_run(jax_side, converted):
     import flax_pmf
     import train
     _, state, _ = jax_side
-    ckpt, _, _ = converted
+    ckpt = torch.load(converted[2], weights_only=True)
     grads = flax_pmf.random_grads(state.params, seed=99)
     after = convert.convert_tree(flax_pmf.update(state, grads).params)
     net = ours(ckpt, ckpt["model"], torch.float32).train()
@@ -175,6 +175,26 @@ def test_train_resumes_the_converted_checkpoint(converted, tmp_path):
     resumed = torch.load(tmp_path / f"ckpt-{STEPS + 1:08d}.pt", weights_only=True)
     assert resumed["step"] == STEPS + 1
     assert all(s["step"] == STEPS + 1 for s in resumed["optimizer"]["state"].values())
+
+
+def test_inference_file_samples_but_does_not_resume(jax_side, tmp_path):
+    """A release-style file: eval build (no v-head), optax.sgd state, one EMA (`just_evaluate`)."""
+    import eval as eval_lib
+    import flax_pmf
+    _, _, _ = jax_side
+    net = flax_pmf.PmfDiT(**TINY, with_v_head=False)
+    state = flax_pmf.official_inference_state(net, 2000)
+    flax_pmf.save_official(state, str(tmp_path / "official"))
+    ckpt, report = convert.convert(convert.read_official(str(tmp_path / "official")), "pMF-B/16")
+    assert ckpt["optimizer"] is None and not any(k.startswith("v_") for k in ckpt["model"])
+    assert ckpt["ema_half_lives_kimg"] == [2000.0] and any("cannot resume" in line for line in report)
+    torch.save(ckpt, tmp_path / "c.pt")
+    generator, _, which, _ = eval_lib.load_generator(str(tmp_path / "c.pt"), ema="0")
+    args = inputs(torch.float32)
+    with torch.no_grad():
+        got = generator(*args, heads="u")[0]
+    expected = flax_forward(net, state.ema_params[2000], args, torch.float32)[0]
+    assert which == "ema 2000 kimg" and max_rel_err(got, expected) < 1e-5
 
 
 def test_cli_reports_mapping_and_writes(jax_side, tmp_path, capsys):
