@@ -67,15 +67,18 @@ def inputs(dtype, n=4, seed=0):
     return z, h, omega, t_min, t_max, y
 
 
+_JITTED = {}
+
+
 def flax_forward(net, params, args, dtype):
+    """The flax model's raw head outputs, NCHW, on `params` cast to `dtype`."""
     import jax
-    import jax.numpy as jnp
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    params = jax.tree.map(lambda p: jnp.asarray(np.asarray(p, np_dtype)), params)
+    params = jax.tree.map(lambda p: np.asarray(p, np_dtype), params)
     z, *scalars, y = args
-    outs = net.apply({"params": params["net"]}, jnp.asarray(z.permute(0, 2, 3, 1).numpy()),
-                     *(jnp.asarray(s.numpy()) for s in scalars), jnp.asarray(y.numpy()))
-    return [torch.from_numpy(np.asarray(o)).permute(0, 3, 1, 2) for o in outs]
+    apply = _JITTED.setdefault(id(net), jax.jit(net.apply))
+    outs = apply({"params": params["net"]}, z.permute(0, 2, 3, 1).numpy(), *(s.numpy() for s in scalars), y.numpy())
+    return [torch.from_numpy(np.array(o)).permute(0, 3, 1, 2) for o in outs]
 
 
 def max_rel_err(a, b):
