@@ -273,6 +273,7 @@ def official_train_state(net, ema_half_lives, steps, seed=0):
     params = randomised_params(net, seed)
     tx = optax.contrib.muon(learning_rate=1e-3, adam_b2=0.95)
     state = TrainState.create(apply_fn=net.apply, params=params, tx=tx, ema_params={h: params for h in ema_half_lives})
+    state = state.replace(step=np.asarray(0, np.int32))  # the type every later step has: one compile of `update`
     for i in range(steps):
         state = jax.device_get(update(state, random_grads(state.params, seed + 2 + i)))
         blend = {h: jax.tree.map(lambda e, p, a=0.5 / (1 + j + i): (1 - a) * e + a * p, e_tree, state.params)

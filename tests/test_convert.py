@@ -200,6 +200,23 @@ def test_inference_file_samples_but_does_not_resume(jax_side, tmp_path):
     assert which == "ema 2000 kimg" and max_rel_err(got, expected) < 1e-5
 
 
+def test_legacy_msgpack_checkpoint_reads_the_same(jax_side, tmp_path):
+    """flax without its orbax backend writes one msgpack file checkpoint_<step>; same tree."""
+    import flax
+    import flax_pmf
+    _, state, workdir = jax_side
+    flax.config.update("flax_use_orbax_checkpointing", False)
+    try:
+        flax_pmf.save_official(state, str(tmp_path))
+    finally:
+        flax.config.update("flax_use_orbax_checkpointing", True)
+    assert os.path.isfile(tmp_path / f"checkpoint_{STEPS}")
+    legacy, orbax = convert.read_official(str(tmp_path)), convert.read_official(str(workdir))
+    flat_legacy, flat_orbax = convert.flatten(legacy), convert.flatten(orbax)
+    assert set(flat_legacy) == set(flat_orbax)
+    assert all(np.array_equal(flat_legacy[k], flat_orbax[k]) for k in flat_orbax)
+
+
 def test_cli_reports_mapping_and_writes(jax_side, tmp_path, capsys):
     _, _, workdir = jax_side
     out = tmp_path / "c.pt"
