@@ -117,7 +117,8 @@ def flatten(tree, prefix=""):
 # ---------------------------------------------------------------- names and layouts
 
 def torch_port_name(flax_path):
-    """'shared_blocks_0/attn/q_proj/_flax_linear/kernel' -> the torch port's 'shared_blocks.0.attn.q_proj._flax_linear.weight'."""
+    """A flax path -> the authors' torch port's name, e.g. 'net/shared_blocks_0/attn/q_proj/_flax_linear/kernel'
+    -> 'shared_blocks.0.attn.q_proj._flax_linear.weight'."""
     name = re.sub(r"^net/", "", flax_path)
     name = re.sub(r"\b(shared_blocks|u_heads|v_heads)_(\d+)\b", r"\1/\2", name)
     name = re.sub(r"/mlp/layers_(\d+)/", r"/mlp/\1/", name)
@@ -238,9 +239,8 @@ def optimizer_state(net, opt, moments):
 
 # ---------------------------------------------------------------- our checkpoint
 
-def training_config(name, overrides, half_lives_kimg, step):
-    """Our full config for the converted run: defaults with the preset, its shapes, the EMAs, and
-    max_steps unset so that the epochs decide the end as in the official run."""
+def training_config(name, overrides, half_lives_kimg):
+    """Our full config for the converted run: defaults with the preset, its shapes and the EMAs."""
     items = [f"model.name={name}", f"training.ema_half_lives_kimg={list(half_lives_kimg)}"]
     items += [f"model.{k}={v}" for k, v in overrides.items()]
     try:
@@ -260,64 +260,79 @@ def to_training_checkpoint(step, model_state, emas, half_lives_kimg, optimizer, 
             "config": cfg_dict}
 
 
-def convert(official, model_name=None):
-    """(our checkpoint dict, report lines) from a read_official() tree."""
-    report = []
+def _weight_sets(official, model_name, report):
+    """(net, preset, overrides, raw weights, [(half-life kimg, EMA weights)]) in our names, each
+    set checked against the inferred model (load_weights: names and shapes)."""
     params = convert_tree(official["params"]) if official.get("params") else None
-    ema_items = sorted(((ema_half_life_kimg(k), convert_tree(v)) for k, v in (official.get("ema_params") or {}).items()
-                        if v), key=lambda item: item[0][0])
-    reference = params if params is not None else (ema_items[-1][1] if ema_items else None)
-    if reference is None:
+    emas = []
+    for key, tree in (official.get("ema_params") or {}).items():
+        half_life, note = ema_half_life_kimg(key)
+        emas.append((half_life, convert_tree(tree)))
+        if note:
+            report.append(note)
+    emas.sort(key=lambda item: item[0])
+    if params is None and not emas:
         raise ConvertError("the checkpoint holds neither params nor ema_params")
-    name, overrides = resolve_model(infer_shape(reference), model_name)
+    weights = params if params is not None else emas[-1][1]
+    name, overrides = resolve_model(infer_shape(weights), model_name)
     net = model_lib.build_model(name, **overrides)
-    weights = params if params is not None else reference
-    for what, state in [(f"EMA {h:g} kimg", s) for (h, _), s in ema_items] + [("params", weights)]:
-        try:  # shape and name check of every weight set
+    for what, state in [(f"EMA {h:g} kimg", s) for h, s in emas] + [("params", weights)]:
+        try:
             model_lib.load_weights(net, state, source=what)
         except ValueError as err:
             raise ConvertError(str(err)) from None
+    if params is None:
+        report.append("no raw params in the file: model = the longest EMA")
+    return net, name, overrides, weights, emas
+
+
+def _optimizer(net, cfg_dict, moments, report):
+    """MuonAdamW.state_dict() holding the official moments, built as train.py builds it."""
+    import train
+    opt = train.build_optimizer(config_lib.from_dict(cfg_dict), net)
+    state = optimizer_state(net, opt, moments)
+    ns = moments[MUON].get("ns_coeffs")
+    if ns is not None and not np.allclose(np.asarray(ns).reshape(-1, 3)[-1], opt.defaults["ns_coeffs"]):
+        report.append(f"warning: the file's Newton-Schulz coefficients {np.asarray(ns).tolist()} differ from "
+                      f"ours {opt.defaults['ns_coeffs']}")
+    report.append(f"optimizer: Muon mu -> state['mu'] of {len(opt.param_groups[0]['params'])} matrices "
+                  f"(step {int(moments[MUON]['count'])}); AdamW mu, nu -> state['mu'], state['nu'] of "
+                  f"{len(opt.param_groups[1]['params'])} tensors (step {int(moments[ADAMW]['count'])})")
+    report.append("not carried: the official data order, RNG streams and learning-rate schedule count; a "
+                  "resumed run draws its batches, noise, t, r and omega from our (seed, step)")
+    return state
+
+
+def convert(official, model_name=None):
+    """(our checkpoint dict, report lines) from a read_official() tree."""
+    step = int(official.get("step", 0))
+    report = [f"step {step}"]
+    net, name, overrides, weights, emas = _weight_sets(official, model_name, report)
     has_v = any(k.startswith("v_head.") for k in weights)
     report.append(f"model: {name}" + (f" with shape overrides {overrides}" if overrides else "")
-                  + f", {'both heads' if has_v else 'u-head only (inference build)'}"
-                  + ("" if params is not None else "; no raw params in the file, model = the longest EMA"))
-    half_lives = [h for (h, _), _ in ema_items]
-    for (h, note), _ in ema_items:
-        report.append(f"EMA half-life {h:g} kimg -> emas[{half_lives.index(h)}]" + (f" ({note})" if note else ""))
-    if not ema_items:
-        half_lives, ema_states = [1000.0], [weights]
-        report.append("no EMAs in the file: emas[0] (half-life 1000 kimg) starts from the params")
+                  + (", both heads" if has_v else ", u-head only (inference build)"))
+    if emas:
+        half_lives, ema_states = [h for h, _ in emas], [s for _, s in emas]
+        report += [f"EMA half-life {h:g} kimg -> emas[{i}]" for i, h in enumerate(half_lives)]
     else:
-        ema_states = [s for _, s in ema_items]
-    step = int(official.get("step", 0))
-    cfg_dict = training_config(name, overrides, half_lives, step)
-
+        half_lives = config_lib.load_config(None).training.ema_half_lives_kimg
+        ema_states = [weights] * len(half_lives)
+        report.append(f"no EMAs in the file: emas for half-lives {half_lives} kimg start from the params")
+    cfg_dict = training_config(name, overrides, half_lives)
     moments = optimizer_moments(official.get("opt_state"))
     optimizer = None
     if has_v and set(moments) == {MUON, ADAMW}:
-        import train  # the optimizer exactly as train.py builds it from the config
-        opt = train.build_optimizer(config_lib.from_dict(cfg_dict), net)
-        optimizer = optimizer_state(net, opt, moments)
-        ns = moments[MUON].get("ns_coeffs")
-        if ns is not None and not np.allclose(np.asarray(ns).reshape(-1)[-3:], opt.defaults["ns_coeffs"]):
-            report.append(f"warning: the file's Newton-Schulz coefficients {np.asarray(ns).tolist()} differ from "
-                          f"ours {opt.defaults['ns_coeffs']}")
-        report.append(f"optimizer: Muon mu -> state['mu'] of {len(opt.param_groups[0]['params'])} matrices "
-                      f"(step {int(moments[MUON]['count'])}); AdamW mu, nu -> state['mu'], state['nu'] of "
-                      f"{len(opt.param_groups[1]['params'])} tensors (step {int(moments[ADAMW]['count'])})")
-        report.append("not carried: the official data order, RNG streams and learning-rate schedule state; a "
-                      "resumed run draws our own batches, noise, t, r and omega from (seed, step)")
+        optimizer = _optimizer(net, cfg_dict, moments, report)
     else:
         why = "inference build (no v-head)" if not has_v else "no Muon/AdamW state in the file"
         report.append(f"optimizer: none ({why}); the output samples (eval.py) but cannot resume training")
-    ckpt = to_training_checkpoint(step, weights, ema_states, half_lives, optimizer, cfg_dict)
-    report.insert(0, f"step {step}")
-    return ckpt, report
+    return to_training_checkpoint(step, weights, ema_states, half_lives, optimizer, cfg_dict), report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert an authors' JAX pMF checkpoint to ours.")
-    parser.add_argument("path", help="pMF-*.zip / pMF-*-full.zip, a directory holding checkpoint_<step>, or the checkpoint")
+    parser.add_argument("path", help="pMF-*.zip / pMF-*-full.zip, a directory holding checkpoint_<step>, "
+                                     "or the checkpoint")
     parser.add_argument("--out", required=True, help="output .pt (train.py --resume / eval.py --ckpt)")
     parser.add_argument("--model", default=None, help="expected preset, e.g. pMF-B/16 (checked against the shapes)")
     args = parser.parse_args(argv)

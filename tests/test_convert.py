@@ -200,6 +200,7 @@ def test_inference_file_samples_but_does_not_resume(jax_side, tmp_path):
     assert which == "ema 2000 kimg" and max_rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:Flax Checkpointing will soon be deprecated:DeprecationWarning")
 def test_legacy_msgpack_checkpoint_reads_the_same(jax_side, tmp_path):
     """flax without its orbax backend writes one msgpack file checkpoint_<step>; same tree."""
     import flax
@@ -268,5 +269,6 @@ def test_layouts_follow_the_torch_port():
     assert ported.shape == (7, 3, 4, 5) and ported[6, 2, 3, 4] == conv[3, 4, 2, 6]
     table = np.ones((1, 11, 8), np.float32)
     assert convert.to_torch_layout("net/y_embedder/embedding_table/embedding", table).shape == (11, 8)
-    assert convert.torch_port_name("net/h_embedder/mlp/layers_2/_flax_linear/kernel") == "h_embedder.mlp.2._flax_linear.weight"
-    assert convert.torch_port_name("net/v_heads_1/attn/q_norm/kernel") == "v_heads.1.attn.q_norm.weight"
+    port = convert.torch_port_name
+    assert port("net/h_embedder/mlp/layers_2/_flax_linear/kernel") == "h_embedder.mlp.2._flax_linear.weight"
+    assert port("net/v_heads_1/attn/q_norm/kernel") == "v_heads.1.attn.q_norm.weight"
