@@ -67,9 +67,9 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def save(path, state, keep_last):
-    """Write `state` to `path` atomically, then keep the newest `keep_last` checkpoints up to
-    this one; a checkpoint newer than `path` is never deleted. A failed write (a full disk)
+def save(path, state, keep_last=None):
+    """Write `state` to `path` atomically, then (with keep_last) keep the newest `keep_last`
+    checkpoints of its folder up to this one; a checkpoint newer than `path` is never deleted. A failed write (a full disk)
     removes its temporary file, leaves every older checkpoint intact and raises CheckpointError."""
     tmp = path + ".tmp"
     try:
@@ -86,6 +86,8 @@ def save(path, state, keep_last):
         raise CheckpointError(f"could not write {os.path.basename(path)} in {os.path.dirname(path)}: {reason}; "
                               "older checkpoints are intact") from None
     step = step_of(path)
+    if keep_last is None or step is None:
+        return
     older = [p for p in paths(os.path.dirname(path)) if step_of(p) <= step]
     for old in older[:-keep_last]:
         os.remove(old)
@@ -114,6 +116,9 @@ def load_training(path):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds weights only, no optimizer state or "
                               "step); to start a new run from its weights use training.init_from, to sample from it "
                               "use eval.py")
+    if state["optimizer"] is None:
+        raise CheckpointError(f"{path} holds no optimizer state (an inference build); start a new run from its "
+                              "weights with training.init_from, or sample from it with eval.py")
     if state.get("format", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {state['format']}, newer than this code's "
                               f"{FORMAT_VERSION}; update the repo")

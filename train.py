@@ -452,7 +452,8 @@ def train(cfg, resume=None, allow_config_change=False):
             net.load_state_dict(ckpt["model"])
             parts.opt.load_state_dict(ckpt["optimizer"])
             parts.ema.load_state_dicts(ckpt["emas"])
-            parts.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # empty: fp32 runs and converted JAX checkpoints (a fresh loss scale)
+                parts.scaler.load_state_dict(ckpt["scaler"])
             if len(ckpt.get("rng", [])) == world:
                 set_rng_state(ckpt["rng"][rank])
             step, counters = ckpt["step"], ckpt["counters"]
