@@ -174,7 +174,9 @@ def test_train_resumes_the_converted_checkpoint(converted, tmp_path):
     from test_train import tiny
     _, _, path = converted
     overrides = tiny(tmp_path, f"training.max_steps={STEPS + 1}", "training.ema_half_lives_kimg=[500, 1000, 2000]")
-    assert train.train(config_lib.load_config(None, overrides), str(path)) == STEPS + 1
+    # the converted config is the official B/16 recipe (ImageNet, batch 1024, perceptual terms): this tiny
+    # continuation on dummy data changes the run, so it says so
+    assert train.train(config_lib.load_config(None, overrides), str(path), allow_config_change=True) == STEPS + 1
     resumed = torch.load(tmp_path / f"ckpt-{STEPS + 1:08d}.pt", weights_only=True)
     assert resumed["step"] == STEPS + 1
     assert all(s["step"] == STEPS + 1 for s in resumed["optimizer"]["state"].values())
