@@ -164,6 +164,34 @@ def step_draws(cfg, rows, global_batch, image_shape, seed, step, device, dtype=t
     return Draws(e=cfg.noise_scale * torch.stack(noise), **picked)
 
 
+def compile_model(net, backend="inductor"):
+    """torch.compile the network's forward in place (`nn.Module.compile`: the same module, parameters
+    and state_dict keys, so checkpoints and EMAs are unaffected); returns net. Call it before the
+    DDP wrap: DDP then calls the compiled forward, and so do pmf_loss's guidance queries on
+    `net.module` and `sample`. Training (method.jvp=fast) and sampling only: `du_dt_jvp` refuses a
+    compiled network, as compiled forward-mode AD drops tangents (pytorch #187284, #192985).
+
+    Shapes: a micro-batch's r = t rows are a global prefix, so its tangent covers a fixed number of
+    rows; only the guidance query's row count changes with the draws. Dynamo's automatic dynamic
+    shapes compile such a call once static, then once with a symbolic batch at its first change;
+    tests/test_compile.py counts the graphs of 50 steps with fresh draws.
+    """
+    net.compile(backend=backend)
+    return net
+
+
+def compile_wanted(setting, jvp, device):
+    """training.compile resolved for `device`: true / false as set; null (auto) = on for CUDA when
+    method.jvp is fast (config.py rejects true with simple), off on CPU."""
+    if setting is None:
+        return torch.device(device).type == "cuda" and jvp == "fast"
+    return setting
+
+
+def _is_compiled(net):
+    return getattr(net, "_compiled_call_impl", None) is not None
+
+
 def _col(s):
     return s[:, None, None, None]
 
@@ -248,6 +276,10 @@ def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
     No-grad forward-mode AD on the unwrapped network with explicit attention (flash / CPU SDPA
     have no forward AD, §10.1), in at least fp32 with autocast off (§10.5).
     """
+    if _is_compiled(model):
+        raise ValueError("method.jvp=simple needs an eager network (torch.func.jvp through compiled code drops "
+                         "tangents, pytorch #187284, #192985); set training.compile=false or method.jvp=fast")
+
     def u_of(z_, t_, r_):
         return velocities(model, z_, t_, t_ - r_, omega, t_min, t_max, y, cfg, heads="u", attn="explicit")[0]
 
