@@ -73,6 +73,7 @@ def test_fifty_steps_with_fresh_draws_compile_three_graphs():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
+@pytest.mark.slow  # an inductor compile of forward + backward: minutes on 2 loaded cores
 def test_inductor_loss_du_dt_and_gradients_equal_eager(rel_err):
     eager, compiled = _pair()
     pmf.compile_model(compiled)
@@ -115,6 +116,7 @@ def test_compiled_step_under_autocast_equals_eager(precision, rel_err):
     assert abs(loss_c - loss_e) < 1e-2 and abs(du_c - du_e) < 1e-2 * du_e and rel_err(g_c, g_e) < 5e-2
 
 
+@pytest.mark.slow  # two processes compiling with inductor
 def test_two_process_ddp_around_the_compiled_network_equals_eager(tmp_path, rel_err):
     out = tmp_path / "grads.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -137,6 +139,7 @@ def test_two_process_ddp_around_the_compiled_network_equals_eager(tmp_path, rel_
     assert rel_err(ddp_grads, grads) < 1e-5
 
 
+@pytest.mark.slow  # an inductor compile of the inference forward
 def test_compiled_sampler_writes_the_same_images(tmp_path):
     eager, compiled = _pair(with_v_head=False)
     pmf.compile_model(compiled)
@@ -144,6 +147,7 @@ def test_compiled_sampler_writes_the_same_images(tmp_path):
     images = {}
     for name, net in (("eager", eager), ("compiled", compiled)):
         out_dir = str(tmp_path / name)
+        os.makedirs(out_dir)
         ev.generate(net, cfg, out_dir, list(range(8)), 8, 4, 3.0, 0.1, 0.8, 1, 42)
         images[name] = ev.load_pngs(out_dir, 8)
     assert np.array_equal(images["eager"], images["compiled"])
