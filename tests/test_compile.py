@@ -116,12 +116,13 @@ def test_compiled_step_under_autocast_equals_eager(precision, rel_err):
     assert abs(loss_c - loss_e) < 1e-2 and abs(du_c - du_e) < 1e-2 * du_e and rel_err(g_c, g_e) < 5e-2
 
 
-@pytest.mark.slow  # two processes compiling with inductor
-def test_two_process_ddp_around_the_compiled_network_equals_eager(tmp_path, rel_err):
+@pytest.mark.slow  # two processes compiling (inductor: minutes)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_two_process_ddp_around_the_compiled_network_equals_eager(backend, tmp_path, rel_err):
     out = tmp_path / "grads.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(HERE, "compile_ddp_worker.py"), str(out), "inductor"], check=True, env=env, timeout=900)
+                    os.path.join(HERE, "compile_ddp_worker.py"), str(out), backend], check=True, env=env, timeout=900)
     ddp = torch.load(out, weights_only=True)
     net, cfg = tiny_model(dtype=torch.float32, recompute_v_head=True), tiny_cfg()
     x, y = batch(8, dtype=torch.float32)
