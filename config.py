@@ -91,6 +91,7 @@ class TrainingConfig:
     ema_half_lives_kimg: list = field(default_factory=lambda: [500.0, 1000.0, 2000.0])
     ema_rampup: float = 0.05
     max_consecutive_nonfinite: int = 50
+    compile: Optional[bool] = None  # null = auto: pmf.compile_wanted
 
 
 @dataclass
@@ -254,6 +255,10 @@ def _check_values(cfg):
             model_lib.build_model(cfg.model.name, **model_overrides(cfg))
     except ValueError as err:
         raise ConfigError(f"model/method: {err}") from err
+    if cfg.training.compile and method_config(cfg).jvp == "simple":
+        raise ConfigError("training.compile=true needs method.jvp=fast: method.jvp=simple takes torch.func.jvp, and "
+                          "compiled forward-mode AD drops tangents (pytorch #187284, #192985); "
+                          "set training.compile=false (or null) or method.jvp=fast")
 
 
 def _lookup(tree, dotted):

@@ -164,6 +164,34 @@ def step_draws(cfg, rows, global_batch, image_shape, seed, step, device, dtype=t
     return Draws(e=cfg.noise_scale * torch.stack(noise), **picked)
 
 
+def compile_model(net, backend="inductor"):
+    """torch.compile the network's forward in place (`nn.Module.compile`: the same module, parameters
+    and state_dict keys, so checkpoints and EMAs are unaffected); returns net. Call it before the
+    DDP wrap: DDP then calls the compiled forward, and so do pmf_loss's guidance queries on
+    `net.module` and `sample`. Training (method.jvp=fast) and sampling only: `du_dt_jvp` refuses a
+    compiled network, as compiled forward-mode AD drops tangents (pytorch #187284, #192985).
+
+    Shapes: a micro-batch's r = t rows are a global prefix, so its tangent covers a fixed number of
+    rows; only the guidance query's row count changes with the draws. Dynamo's automatic dynamic
+    shapes compile such a call once static, then once with a symbolic batch at its first change;
+    tests/test_compile.py counts the graphs of 50 steps with fresh draws.
+    """
+    net.compile(backend=backend)
+    return net
+
+
+def compile_wanted(setting, jvp, device):
+    """training.compile resolved for `device`: true / false as set; null (auto) = on for CUDA when
+    method.jvp is fast (config.py rejects true with simple), off on CPU."""
+    if setting is None:
+        return torch.device(device).type == "cuda" and jvp == "fast"
+    return setting
+
+
+def _is_compiled(net):
+    return getattr(net, "_compiled_call_impl", None) is not None
+
+
 def _col(s):
     return s[:, None, None, None]
 
@@ -177,34 +205,69 @@ def velocities(net, z, t, h, omega, t_min, t_max, y, cfg, heads="uv", attn="sdpa
     return tuple((z - out) / c for out in outs)
 
 
-@torch.no_grad()
-def guided_target(model, z, t, v_t, y, drop, omega, t_min, t_max, cfg):
-    """Self-guided target and JVP tangent from the v-head (§2.1 step 8, §2.3), pruned exactly (§2.2).
+def first_moving_row(t, r):
+    """Index of the first row with r < t (len(t) if none); the rows before it are the r = t prefix."""
+    moving = (t != r).nonzero()
+    return moving[0, 0].item() if len(moving) else len(t)
 
-    Returns (tangent, v_g), each (B, C, H, W). v_c is the conditional velocity at the
-    interval-masked scale w_in (omega inside [t_min, t_max], 1 outside) and v_u the unconditional
-    one (null label, omega = 1); v_g = v_t + (1 - 1/w_in)(v_c - v_u), and v_t on the dropped rows.
-    The tangent is v_c, or v_u on the dropped rows under per-sample dropout. All queries use h = 0
-    and the interval [0, 1], in one v-head call over v_c's B rows and the rows that need v_u.
-    Not computed, as they cannot change the result: the official code's v_c at omega on rows
-    outside the interval (it then recomputes v_c there at 1), and v_u where its weight is 0:
-    outside the interval (1 - 1/1 = 0) and on dropped rows, unless they take v_u as tangent.
+
+def reused_v_c_rows(t, r, t_min, t_max, drop):
+    """(B,) bool: the rows whose guidance query of v_c is the training forward's v-head output.
+
+    On the r = t prefix (rows before `first_moving_row`) with the interval [0, 1] (every r = t
+    row, §2.1 step 7) and the label kept, the query of v_c (h = 0, interval [0, 1], w_in = omega
+    as t lies in [0, 1], label y) has exactly the inputs of the training forward (h = t - r = 0,
+    the row's interval [0, 1] and omega, y_in = y), so its v-head output, detached, is v_c.
+    """
+    prefix = torch.arange(len(t), device=t.device) < first_moving_row(t, r)
+    return prefix & (t_min == 0) & (t_max == 1) & ~drop
+
+
+@torch.no_grad()
+def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_rows=None, reused=None):
+    """The v-head queries of the self-guided target (§2.1 step 8, §2.3), pruned exactly (§2.2).
+
+    Returns (v_c, v_u, w_in): (B, C, H, W), (B, C, H, W), (B,). v_c is the conditional velocity at
+    the interval-masked scale w_in (omega inside [t_min, t_max], 1 outside), v_u the unconditional
+    one (null label, omega = 1); all queries use h = 0 and the interval [0, 1], in one v-head call.
+    Each is queried only where something uses it, and is 0 elsewhere:
+      v_c for the target on the kept rows (dropped rows take v_t), except the `reused` rows
+      ((B,) bool, `reused_v_c_rows`; the caller fills them from its forward), and as the tangent
+      on `tangent_rows` ((B,) bool, None = all; the fast path needs it only from the first r < t
+      row on) unless they take v_u (dropped rows under per-sample dropout);
+      v_u for the target where its weight 1 - 1/w_in is nonzero (inside the interval, kept), and
+      as the tangent on dropped `tangent_rows` under per-sample dropout.
+    The official code also queries v_c at omega on rows outside the interval (then again at 1)
+    and v_u on every row; those values cannot change the result.
     """
     n = z.shape[0]
     inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
     w_in = torch.where(inside, omega, torch.ones_like(omega))
     per_sample = cfg.class_dropout_mode == "per_sample"
-    rows = ((inside & ~drop) | (drop & per_sample)).nonzero().squeeze(1)
-    m = len(rows)
-    v = velocities(model, torch.cat([z, z[rows]]), torch.cat([t, t[rows]]), t.new_zeros(n + m),
-                   torch.cat([w_in, t.new_ones(m)]), t.new_zeros(n + m), t.new_ones(n + m),
-                   torch.cat([y, torch.full_like(y[rows], cfg.num_classes)]), cfg, heads="v")[0]
-    v_c = v[:n]
-    v_u = v_c.clone()  # where v_u is not computed its weight is 0: v_c - v_u = 0 there
-    v_u[rows] = v[n:]
-    v_g = torch.where(_col(drop), v_t, v_t + _col(1 - 1 / w_in) * (v_c - v_u))
-    tangent = torch.where(_col(drop), v_u, v_c) if per_sample else v_c
-    return tangent, v_g
+    tangent_rows = torch.ones_like(drop) if tangent_rows is None else tangent_rows
+    reused = torch.zeros_like(drop) if reused is None else reused
+    takes_v_u = drop & per_sample
+    cond = ((~drop & ~reused) | (tangent_rows & ~takes_v_u)).nonzero().squeeze(1)
+    uncond = ((inside & ~drop) | (tangent_rows & takes_v_u)).nonzero().squeeze(1)
+    k, m = len(cond), len(uncond)
+    v_c, v_u = torch.zeros_like(z), torch.zeros_like(z)
+    if k + m:
+        rows = torch.cat([cond, uncond])
+        v = velocities(model, z[rows], t[rows], t.new_zeros(k + m), torch.cat([w_in[cond], t.new_ones(m)]),
+                       t.new_zeros(k + m), t.new_ones(k + m),
+                       torch.cat([y[cond], torch.full_like(y[uncond], cfg.num_classes)]), cfg, heads="v")[0]
+        v_c[cond], v_u[uncond] = v[:k], v[k:]
+    return v_c, v_u, w_in
+
+
+def guided_target(v_t, v_c, v_u, w_in, drop):
+    """v_g = v_t + (1 - 1/w_in)(v_c - v_u), and v_t on the dropped rows; all (B, C, H, W)."""
+    return torch.where(_col(drop), v_t, v_t + _col(1 - 1 / w_in) * (v_c - v_u))
+
+
+def jvp_tangent(v_c, v_u, drop, cfg):
+    """The z-tangent of du/dt: v_c, or v_u on the dropped rows under per-sample dropout (§2.3)."""
+    return torch.where(_col(drop), v_u, v_c) if cfg.class_dropout_mode == "per_sample" else v_c
 
 
 def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
@@ -213,6 +276,10 @@ def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
     No-grad forward-mode AD on the unwrapped network with explicit attention (flash / CPU SDPA
     have no forward AD, §10.1), in at least fp32 with autocast off (§10.5).
     """
+    if _is_compiled(model):
+        raise ValueError("method.jvp=simple needs an eager network (torch.func.jvp through compiled code drops "
+                         "tangents, pytorch #187284, #192985); set training.compile=false or method.jvp=fast")
+
     def u_of(z_, t_, r_):
         return velocities(model, z_, t_, t_ - r_, omega, t_min, t_max, y, cfg, heads="u", attn="explicit")[0]
 
@@ -234,8 +301,7 @@ def velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg):
     du/dt enters the loss only through (t - r) du/dt, so the tangent is propagated only from the
     first row with r < t on (the r = t rows are a prefix, §2.1 step 3); earlier rows get 0.
     """
-    moving = (t != r).nonzero()
-    start = moving[0, 0].item() if len(moving) else len(t)
+    start = first_moving_row(t, r)
     du_dt = torch.zeros_like(_fp32_or_wider(z))
     if start == len(t):
         return (*velocities(net, z, t, t - r, omega, t_min, t_max, y, cfg, heads="uv"), du_dt)
@@ -278,14 +344,20 @@ def pmf_loss(net, x, y, draws, cfg, perceptual=None):
     t, r, omega, t_min, t_max = draws.t, draws.r, draws.omega, draws.t_min, draws.t_max
     z = (1 - _col(t)) * x + _col(t) * draws.e                      # z_t
     v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), §11.2
-    tangent, v_g = guided_target(model, z, t, v_t, y, draws.drop, omega, t_min, t_max, cfg)
     y_in = torch.where(draws.drop, cfg.num_classes, y)              # class dropout, §2.3
-
     if cfg.jvp == "fast":
+        tangent_rows = torch.arange(len(t), device=t.device) >= first_moving_row(t, r)
+        reused = reused_v_c_rows(t, r, t_min, t_max, draws.drop)
+        v_c, v_u, w_in = guidance_velocities(model, z, t, y, draws.drop, omega, t_min, t_max, cfg, tangent_rows, reused)
+        tangent = jvp_tangent(v_c, v_u, draws.drop, cfg)
         u, v, du_dt = velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
-    else:
+        v_c = torch.where(_col(reused), v.detach(), v_c)
+    else:  # the reference schedule: the JVP needs the tangent on every row before the forward
+        v_c, v_u, w_in = guidance_velocities(model, z, t, y, draws.drop, omega, t_min, t_max, cfg)
+        tangent = jvp_tangent(v_c, v_u, draws.drop, cfg)
         du_dt = du_dt_jvp(model, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)
         u, v = velocities(net, z, t, t - r, omega, t_min, t_max, y_in, cfg, heads="uv")
+    v_g = guided_target(v_t, v_c, v_u, w_in, draws.drop)
     V = u + _col(t - r) * du_dt                                     # compound velocity, sg(du/dt)
 
     sq_u = _per_sample_sq(V, v_g)

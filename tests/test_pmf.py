@@ -93,7 +93,8 @@ def test_du_dt_equals_central_finite_differences(rel_err):
     d = _draws(cfg, x)
     z = (1 - _col(d.t)) * x + _col(d.t) * d.e
     v_t = (z - x) / _col(d.t.clamp(0.05, 1))
-    v_c, _ = pmf.guided_target(net, z, d.t, v_t, y, d.drop, d.omega, d.t_min, d.t_max, cfg)
+    v_c, v_u, _ = pmf.guidance_velocities(net, z, d.t, y, d.drop, d.omega, d.t_min, d.t_max, cfg)
+    v_c = pmf.jvp_tangent(v_c, v_u, d.drop, cfg)
     du_dt = pmf.du_dt_jvp(net, z, d.t, d.r, d.omega, d.t_min, d.t_max, y, v_c, cfg)
 
     def u(eps):
@@ -120,6 +121,31 @@ def test_training_path_uses_the_jvp_of_the_dropped_labels(rel_err):
     _, ref_du_dt = _reference_loss(net, x, y, d, cfg)
     expected = ref_du_dt[~d.fm].flatten(1).norm(dim=1).mean()  # the metric covers r < t rows
     assert abs(metrics["du_dt_norm"].item() - expected.item()) / expected.item() < 1e-10
+
+
+@pytest.mark.parametrize("mode", pmf.DROPOUT_MODES)
+def test_reused_v_c_gives_the_loss_of_querying_it(mode, monkeypatch, rel_err):
+    """v_c on the kept r = t rows from the training forward (fast path) against querying it there:
+    the raw v-MSE (the loss itself is ~2 with both adaptive weights near 1), du/dt, the gradients."""
+    cfg = tiny_cfg(class_dropout_mode=mode)
+    net = tiny_model()
+    x, y = batch(8)
+    d = _draws(cfg, x, drop=torch.arange(8) < 1 if mode == "prefix" else torch.arange(8) % 3 == 1)
+    real = pmf.reused_v_c_rows
+    assert real(d.t, d.r, d.t_min, d.t_max, d.drop).sum() >= 2
+
+    def loss_and_grads(rows):
+        monkeypatch.setattr(pmf, "reused_v_c_rows", rows)
+        loss, metrics = pmf.pmf_loss(net, x, y, d, cfg)
+        return metrics["mse_v"].item(), metrics["du_dt_norm"].item(), flat_grads(net, loss)
+
+    ours = loss_and_grads(real)
+    queried = loss_and_grads(lambda *a: torch.zeros_like(real(*a)))
+    assert abs(ours[0] - queried[0]) < 1e-12 * queried[0] and abs(ours[1] - queried[1]) < 1e-12 * queried[1]
+    assert rel_err(ours[2], queried[2]) < 1e-12
+    # the test can fail: v from r < t rows (h = t - r, their own interval) is not v_c
+    wrong = loss_and_grads(lambda t, r, lo, hi, drop: ~drop)
+    assert rel_err(wrong[2], queried[2]) > 1e-6
 
 
 # ---- samplers (reference §2.1 steps 1-9) ----
@@ -206,35 +232,59 @@ class _Stub(torch.nn.Module):
         return outs if tangent is None else (outs, 0.5 * tangent[0])
 
 
-@pytest.mark.parametrize("mode", pmf.DROPOUT_MODES)
-def test_guided_target_on_hand_made_inputs(mode):
-    cfg = tiny_cfg(class_dropout_mode=mode)
-    stub = _Stub()
+def _hand_made_rows(mode):
+    """Six rows: r = t rows 0-1 (interval [0, 1], row 1 dropped), r < t rows 2-5 (3 on its interval's
+    lower bound, 2, 4, 5 outside it, 4 dropped), with closed-form velocities from `_Stub`."""
     t = torch.tensor([0.5, 0.02, 0.9, 0.3, 0.3, 0.7], dtype=torch.float64)
+    r = torch.tensor([0.5, 0.02, 0.1, 0.2, 0.1, 0.3], dtype=torch.float64)
     t_min = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.4, 0.2], dtype=torch.float64)   # row 3: t == t_min (inside)
     t_max = torch.tensor([1.0, 1.0, 0.8, 0.6, 0.6, 0.6], dtype=torch.float64)   # rows 2, 4, 5 outside
     omega = torch.tensor([2.0, 4.0, 3.0, 5.0, 8.0, 6.0], dtype=torch.float64)
     y = torch.tensor([1, 2, 3, 4, 5, 6])
     drop = torch.tensor([False, True, False, False, True, False])              # one inside, one outside
+    if mode == "prefix":
+        drop = torch.tensor([False, True, False, False, False, False])
     z = torch.randn(6, 3, 2, 2, dtype=torch.float64)
-    v_t = torch.randn_like(z)
-    tangent, v_g = pmf.guided_target(stub, z, t, v_t, y, drop, omega, t_min, t_max, cfg)
+    return t, r, t_min, t_max, omega, y, drop, z
 
+
+@pytest.mark.parametrize("mode", pmf.DROPOUT_MODES)
+@pytest.mark.parametrize("schedule", ["simple", "fast"])
+def test_guidance_on_hand_made_inputs(mode, schedule):
+    """Target and tangent against closed forms; the one v-head call queries only the rows used:
+    under the fast schedule no tangent on the r = t prefix, and no v_c on its kept rows (reused)."""
+    cfg = tiny_cfg(class_dropout_mode=mode)
+    stub = _Stub()
+    t, r, t_min, t_max, omega, y, drop, z = _hand_made_rows(mode)
+    v_t = torch.randn_like(z)
     c = _col(t.clamp(0.05, 1))
     vel = lambda w, label: (z - (0.5 * z + _col(label.double() + 10 * w))) / c
     inside = torch.tensor([True, True, False, True, False, False])
     w_in = torch.where(inside, omega, torch.ones_like(omega))
     v_c, v_u = vel(w_in, y), vel(torch.ones(6), torch.full((6,), NULL))
+    fast = schedule == "fast"
+    tangent_rows = torch.arange(6) >= 2 if fast else None
+    reused = pmf.reused_v_c_rows(t, r, t_min, t_max, drop) if fast else None
+    got_c, got_u, got_w = pmf.guidance_velocities(stub, z, t, y, drop, omega, t_min, t_max, cfg, tangent_rows, reused)
+    if fast:
+        assert reused.tolist() == [True, False, False, False, False, False]
+        got_c = torch.where(_col(reused), v_c, got_c)  # pmf_loss fills them from the training forward
     expected = torch.where(_col(inside & ~drop), v_t + _col(1 - 1 / omega) * (v_c - v_u), v_t)
-    torch.testing.assert_close(v_g, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pmf.guided_target(v_t, got_c, got_u, got_w, drop), expected, rtol=0, atol=1e-12)
     per_sample = mode == "per_sample"
-    torch.testing.assert_close(tangent, torch.where(_col(drop), v_u, v_c) if per_sample else v_c, rtol=0, atol=1e-12)
-    call, = stub.calls  # one v-head call: v_c on every row, v_u only where its weight is nonzero
-    uncond = [0, 1, 3, 4] if per_sample else [0, 3]
-    assert call["n"] == 6 + len(uncond) and call["heads"] == "v"
+    moving = slice(2 if fast else 0, None)
+    tangent = pmf.jvp_tangent(got_c, got_u, drop, cfg)
+    expected = torch.where(_col(drop), v_u, v_c) if per_sample else v_c
+    torch.testing.assert_close(tangent[moving], expected[moving], rtol=0, atol=1e-12)
+    call, = stub.calls
+    cond = {("simple", "prefix"): [0, 1, 2, 3, 4, 5], ("simple", "per_sample"): [0, 2, 3, 5],
+            ("fast", "prefix"): [2, 3, 4, 5], ("fast", "per_sample"): [2, 3, 5]}[schedule, mode]
+    uncond = {("simple", "prefix"): [0, 3], ("simple", "per_sample"): [0, 1, 3, 4],
+              ("fast", "prefix"): [0, 3], ("fast", "per_sample"): [0, 3, 4]}[schedule, mode]
+    assert call["n"] == len(cond) + len(uncond) and call["heads"] == "v"
     assert (call["h"] == 0).all() and (call["t_min"] == 0).all() and (call["t_max"] == 1).all()
-    assert torch.equal(call["y"], torch.cat([y, torch.full((len(uncond),), NULL)]))
-    assert torch.equal(call["omega"], torch.cat([w_in, torch.ones(len(uncond), dtype=torch.float64)]))
+    assert torch.equal(call["y"], torch.cat([y[cond], torch.full((len(uncond),), NULL)]))
+    assert torch.equal(call["omega"], torch.cat([w_in[cond], torch.ones(len(uncond), dtype=torch.float64)]))
 
 
 def test_dropped_rows_get_null_label_and_unguided_target():
