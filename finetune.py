@@ -95,6 +95,23 @@ def _shape_error(path, name, saved, own):
         "model.input_size (same patch size): set the other model.* keys as the checkpoint was trained")
 
 
+def _v_head_from_file_or_u_head(state, net, fresh, v_head_init):
+    """(state with the model's v-head tensors, notes): the file's v-head, else a copy of its u-head
+    (v_head_init "u_head") or the fresh v-head ("random"); dropped for a model without v-head."""
+    heads = tuple(V_HEAD_PREFIXES)
+    if not net.has_v_head:
+        return {k: v for k, v in state.items() if not k.startswith(heads)}, []
+    if any(k.startswith(heads) for k in state):
+        return dict(state), []
+    if v_head_init == "random":
+        return {**state, **{k: t for k, t in fresh.items() if k.startswith(heads)}}, [
+            "v-head: the file has none; kept fresh (training.init_v_head=random)"]
+    copies = {v_prefix + k[len(u_prefix):]: t for v_prefix, u_prefix in V_HEAD_PREFIXES.items()
+              for k, t in state.items() if k.startswith(u_prefix)}
+    return {**state, **copies}, ["v-head: the file has none; copied from the u-head, so v(z, t) = u(z, t, t) "
+                                 "at the start (training.init_v_head=random keeps a fresh v-head)"]
+
+
 def adapt(state, net, fresh, path, v_head_init="u_head"):
     """State dict for `net` from a file's (our names): (weights, notes on what was not copied as is).
 
@@ -102,19 +119,7 @@ def adapt(state, net, fresh, path, v_head_init="u_head"):
     place in the model, missing tensors and shape mismatches other than the two adaptable ones
     raise FinetuneError naming the tensor.
     """
-    notes = []
-    state = dict(state)
-    has_v_head = any(k.startswith(tuple(V_HEAD_PREFIXES)) for k in state)
-    if not net.has_v_head:
-        state = {k: v for k, v in state.items() if not k.startswith(tuple(V_HEAD_PREFIXES))}
-    elif not has_v_head and v_head_init == "u_head":
-        for v_prefix, u_prefix in V_HEAD_PREFIXES.items():
-            state.update({v_prefix + k[len(u_prefix):]: t for k, t in list(state.items()) if k.startswith(u_prefix)})
-        notes.append("v-head: the file has none; copied from the u-head, so v(z, t) = u(z, t, t) at the start "
-                     "(training.init_v_head=random keeps a fresh v-head)")
-    elif not has_v_head:
-        notes.append("v-head: the file has none; kept fresh (training.init_v_head=random)")
-        state.update({k: t for k, t in fresh.items() if k.startswith(tuple(V_HEAD_PREFIXES))})
+    state, notes = _v_head_from_file_or_u_head(state, net, fresh, v_head_init)
     for name in state:
         if name not in fresh:
             raise FinetuneError(f"training.init_from: tensor {name!r} of {path} has no place in this model; "
