@@ -92,6 +92,9 @@ class TrainingConfig:
     ema_rampup: float = 0.05
     max_consecutive_nonfinite: int = 50
     compile: Optional[bool] = None  # null = auto: pmf.compile_wanted
+    init_from: str = ""
+    init_ema: bool = False
+    init_v_head: str = "u_head"
 
 
 @dataclass
@@ -137,6 +140,7 @@ CHOICES = {
     "optim.ns_dtype": ["float32", "bfloat16"],
     "data.source": ["parquet", "imagefolder", "mnist", "dummy"],
     "training.mixed_precision": ["no", "fp16", "bf16"],
+    "training.init_v_head": ["u_head", "random"],
 }
 POSITIVE = ["training.global_batch_size", "training.micro_batch_size", "training.grad_accum_steps",
             "training.epochs", "training.max_steps", "optim.lr", "optim.eps", "logging.log_every",

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import checkpoint as checkpoint_lib
 import config as config_lib
 import dataset as data_lib
+import finetune
 import model as model_lib
 import optimizer as optim_lib
 import perceptual as perceptual_lib
@@ -443,12 +444,16 @@ def train(cfg, resume=None, allow_config_change=False):
         # -- model, loss, optimizer, EMAs, and the resumed state
         torch.manual_seed(t.seed)  # identical initial weights on every process
         net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
+        if pmf.compile_wanted(t.compile, method_cfg.jvp, device):
+            pmf.compile_model(net)  # in place, before the DDP wrap; state_dict names unchanged
         parts = StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
                           scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
                           perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
                           ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
         step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
-        if ckpt is not None:
+        if ckpt is None:  # a fresh run: training.init_from (fine-tuning), if set
+            finetune.initial_weights(cfg, net, parts.ema, log=notes.append)
+        else:
             net.load_state_dict(ckpt["model"])
             parts.opt.load_state_dict(ckpt["optimizer"])
             parts.ema.load_state_dicts(ckpt["emas"])
