@@ -240,7 +240,6 @@ def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_
     The official code also queries v_c at omega on rows outside the interval (then again at 1)
     and v_u on every row; those values cannot change the result.
     """
-    n = z.shape[0]
     inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
     w_in = torch.where(inside, omega, torch.ones_like(omega))
     per_sample = cfg.class_dropout_mode == "per_sample"

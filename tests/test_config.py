@@ -44,12 +44,12 @@ def test_inconsistent_batch_sizes():
     with pytest.raises(config.ConfigError, match="not a multiple of training.micro_batch_size 48"):
         config.load_config(ROOT_CONFIG, ["training.micro_batch_size=48"])
     cfg = config.load_config(ROOT_CONFIG, ["training.micro_batch_size=32"])
-    assert train.resolve_accumulation(cfg, 8) == 4
-    with pytest.raises(config.ConfigError, match=r"32 x 3 processes"):
-        train.resolve_accumulation(cfg, 3)
+    assert train.resolve_batch_split(cfg, 8)[:2] == (32, 4)
+    with pytest.raises(config.ConfigError, match=r"1024 cannot be split over 3 processes"):
+        train.resolve_batch_split(cfg, 3)
     cfg = config.load_config(ROOT_CONFIG, ["training.grad_accum_steps=2"])
     with pytest.raises(config.ConfigError, match="grad_accum_steps 2"):
-        train.resolve_accumulation(cfg, 8)
+        train.resolve_batch_split(cfg, 8)
 
 
 def test_config_round_trips_as_plain_data(tmp_path):

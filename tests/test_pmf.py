@@ -92,7 +92,6 @@ def test_du_dt_equals_central_finite_differences(rel_err):
     x, y = batch(8)
     d = _draws(cfg, x)
     z = (1 - _col(d.t)) * x + _col(d.t) * d.e
-    v_t = (z - x) / _col(d.t.clamp(0.05, 1))
     v_c, v_u, _ = pmf.guidance_velocities(net, z, d.t, y, d.drop, d.omega, d.t_min, d.t_max, cfg)
     v_c = pmf.jvp_tangent(v_c, v_u, d.drop, cfg)
     du_dt = pmf.du_dt_jvp(net, z, d.t, d.r, d.omega, d.t_min, d.t_max, y, v_c, cfg)
