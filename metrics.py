@@ -1,4 +1,4 @@
-"""FID and IS in the protocol of the authors' PyTorch port (reference §8): torch-fidelity's TF-ported
+"""FID and IS in the protocol of the authors' PyTorch port (docs/method.md §8): torch-fidelity's TF-ported
 Inception-v3, Frechet distance of pool3 statistics, IS on the unbiased logits.
 
     inception = Inception("fid-helper")                 # or None: torch hub cache; or a .pth / default_1.pt

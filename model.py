@@ -1,9 +1,9 @@
-"""The pMF DiT: an x-prediction transformer with in-context conditioning (reference §4).
+"""The pMF DiT: an x-prediction transformer with in-context conditioning (docs/method.md §4).
 
 The network maps (z, h, omega, t_min, t_max, y) to raw head outputs. It knows nothing about
 the loss: the conversion of its outputs to velocities, with clip(t, 0.05, 1), lives in pmf.py.
 
-Token sequence (§4.2): [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N].
+Token sequence (docs/method.md §4.2): [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N].
 A shared trunk of depth - head_depth blocks feeds a u-head and (for training) a v-head of
 head_depth blocks each; each head has its own final layer. With recompute_v_head, a grad-mode
 forward stores only the v-head's input and recomputes its activations in backward, after the
@@ -37,9 +37,9 @@ PRESETS = {
     "pMF-H/32": dict(input_size=512, patch_size=32, depth=48, hidden_size=1280, num_heads=16),
 }
 
-# In-context token counts, in sequence order (§4.2).
+# In-context token counts, in sequence order (docs/method.md §4.2).
 PREFIX_TOKENS = {"class": 8, "omega": 4, "t_min": 2, "t_max": 2, "time": 4}
-BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (§4.6)
+BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (docs/method.md §4.6)
 ATTENTION_IMPLS = ("sdpa", "explicit")
 
 
@@ -47,7 +47,7 @@ ATTENTION_IMPLS = ("sdpa", "explicit")
 def _tangent_mode(like):
     """No-grad region for tangent code. Under fp16 autocast it also turns autocast off, so the
     tangent runs in fp32 from the fp16 intermediates (fp16's range is too narrow for du/dt,
-    reference §10.5); under bf16 it keeps the primal's precision."""
+    docs/method.md §10.4); under bf16 it keeps the primal's precision."""
     device = like.device.type
     enabled = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device)
@@ -95,7 +95,7 @@ class RMSNorm(nn.Module):
 
 
 class ScalarEmbedder(nn.Module):
-    """A scalar in [0, 1] (no x1000) -> 256-d [cos, sin] sinusoid -> Linear -> SiLU -> Linear (§4.3)."""
+    """A scalar in [0, 1] (no x1000) -> 256-d [cos, sin] sinusoid -> Linear -> SiLU -> Linear (docs/method.md §4.3)."""
 
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
@@ -131,7 +131,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size)
         self.conv2 = nn.Conv2d(bottleneck, hidden_size, 1)
-        for conv in (self.conv1, self.conv2):  # Xavier-uniform with Linear-style fans (§4.6)
+        for conv in (self.conv1, self.conv2):  # Xavier-uniform with Linear-style fans (docs/method.md §4.6)
             fan_in = conv.weight[0].numel()
             limit = math.sqrt(6.0 / (fan_in + conv.out_channels))
             nn.init.uniform_(conv.weight, -limit, limit)
@@ -148,7 +148,7 @@ class PatchEmbed(nn.Module):
 
 
 def rope_tables(grid, head_dim, dtype, device, theta=10000.0):
-    """2-D RoPE angles (§4.4): (cos, sin), each (grid*grid, head_dim/2).
+    """2-D RoPE angles (docs/method.md §4.4): (cos, sin), each (grid*grid, head_dim/2).
 
     Of the head_dim/2 channel pairs the first half rotates by the row index, the second half by
     the column index, both with frequencies theta^(-2k/(head_dim/2)), k < head_dim/4.
@@ -165,7 +165,7 @@ def rope_tables(grid, head_dim, dtype, device, theta=10000.0):
 def apply_rope(x, rope):
     """Rotate the last N tokens of x: (B, L, heads, head_dim); adjacent pairs (2k, 2k+1) interleaved.
 
-    Prefix tokens (the first L - N) are left unrotated (§4.4).
+    Prefix tokens (the first L - N) are left unrotated (docs/method.md §4.4).
     """
     cos, sin = rope
     n = cos.shape[0]
@@ -207,7 +207,7 @@ def attention(q, k, v, impl):
     """Softmax attention, q, k, v: (B, heads, L, head_dim), scale 1/sqrt(head_dim).
 
     "sdpa": fused kernel (flash on GPU); no forward-mode AD on CPU/flash.
-    "explicit": matmul + fp32 softmax as the official code; supports forward-mode AD (§10.1).
+    "explicit": matmul + fp32 softmax as the official code; supports forward-mode AD (docs/method.md §10.1).
     """
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
@@ -249,7 +249,7 @@ class Attention(nn.Module):
 
 
 def swiglu_hidden(hidden_size):
-    """int(8D/3), rounded up to a multiple of 8 only when D > 1024 (the released H weights; §4.1)."""
+    """int(8D/3), rounded up to a multiple of 8 only when D > 1024 (the released H weights; docs/method.md §4.1)."""
     width = int(hidden_size * 8 / 3)
     return (width + 7) // 8 * 8 if hidden_size > 1024 else width
 
@@ -383,7 +383,7 @@ class PMFDiT(nn.Module):
         time, d_time = self.h_embedder(h, dh)  # only h = t - r is embedded; no t token
         conds = {
             "class": self.label_embed(y),
-            "omega": self.omega_embedder(1 - 1 / omega)[0],  # the network embeds 1 - 1/omega (§4.2)
+            "omega": self.omega_embedder(1 - 1 / omega)[0],  # the network embeds 1 - 1/omega (docs/method.md §4.2)
             "t_min": self.t_min_embedder(t_min)[0],
             "t_max": self.t_max_embedder(t_max)[0],
             "time": time,
@@ -476,7 +476,7 @@ def build_model(name, **overrides):
     return PMFDiT(**{**PRESETS.get(name, {}), **overrides})
 
 
-# Authors' PyTorch release (branch `torch`, reference §4.7): their names -> ours.
+# Authors' PyTorch release (branch `torch`, docs/method.md §4.7): their names -> ours.
 _OFFICIAL_RENAMES = [
     (r"^x_embedder\.proj([12])\.", r"patch_embed.conv\1."),
     (r"^cfg_t_start_embedder\.", "t_min_embedder."),

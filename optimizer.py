@@ -1,6 +1,6 @@
 """Muon with a Nesterov-AdamW partner, as pMF trains with it: optax `contrib.muon(lr, adam_b2=0.95)`.
 
-Reference §5. Muon branch, per matrix W (PyTorch layout (fan_out, fan_in)), step k = 1, 2, ...:
+docs/method.md §5. Muon branch, per matrix W (PyTorch layout (fan_out, fan_in)), step k = 1, 2, ...:
     m_k = b m_{k-1} + (1 - b) g_k
     m^  = b m_k / (1 - b^(k+1)) + (1 - b) g_k / (1 - b^k)          (Nesterov, bias-corrected)
     O   = NS5(m^)                                                    (quintic Newton-Schulz)
@@ -50,7 +50,7 @@ def shape_scale(shape, adjust_lr):
 
 
 def partition(model, rule="official"):
-    """Split a pMF model's trainable parameters into [Muon group, AdamW group] (reference §5.1).
+    """Split a pMF model's trainable parameters into [Muon group, AdamW group] (docs/method.md §5.1).
 
     official: every Linear weight (2-D), including embedder MLPs and both zero-initialised final
     layers, goes to Muon; the label table (3-D in the JAX code), tokens, pos_embed, gates, norms,

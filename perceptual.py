@@ -1,4 +1,4 @@
-"""Perceptual terms of the pMF loss (reference §2.1, "Perceptual loss internals").
+"""Perceptual terms of the pMF loss (docs/method.md §2.7).
 
 LPIPS-VGG (v0.1 lin layers, the PyPI `lpips` package) and the ConvNeXt-V2-Base pooled feature
 distance (HF `transformers`), both on one paired random-resized crop per sample, resized to

@@ -1,15 +1,15 @@
-"""pixel MeanFlow: the training objective (paper Algorithm 1, reference §2) and sampling (§3).
+"""pixel MeanFlow: the training objective (paper Algorithm 1, docs/method.md §2) and sampling (§3).
 
-Conventions (§1): x in [-1, 1], t = 1 is noise, z_t = (1 - t) x + t e with e = s * eps,
+Conventions (docs/method.md §1): x in [-1, 1], t = 1 is noise, z_t = (1 - t) x + t e with e = s * eps,
 c(t) = clip(t, 0.05, 1). The network sees h = t - r only; t enters through 1/c(t) in the
 conversion of its x-prediction to velocities: u = (z - x_u) / c(t), v = (z - x_v) / c(t).
 
-The training step follows the official JAX step ([M] `pixelMeanFlow.forward`) with an exact
+The training step follows the official JAX step (`pmf.py` `pixelMeanFlow.forward` on branch `main`) with an exact
 change of schedule: du/dt is a stop-gradient quantity, so nothing differentiates it.
 `jvp="fast"` (default) propagates its tangent beside the primal of the one grad-mode forward
 through the (possibly DDP-wrapped) network, without autograd (model.py, "single-pass tangent");
 `jvp="simple"` takes a no-grad torch.func.jvp on the unwrapped network, then runs an ordinary
-grad forward (§10.2). Both give the single-pass gradient, and DDP all-reduces it as usual.
+grad forward (docs/method.md §10.2). Both give the single-pass gradient, and DDP all-reduces it as usual.
 """
 from dataclasses import dataclass, fields
 
@@ -17,7 +17,7 @@ import torch
 
 from perceptual import sample_crop_boxes
 
-# Per-preset recipe (reference §9): the official configs; H t_thr is the intended 0.6.
+# Per-preset recipe (docs/method.md §9): the official configs; H t_thr is the intended 0.6.
 RECIPES = {
     "pMF-B/16": dict(noise_scale=1.0, P_mean=0.8, P_std=0.8, t_thr=0.8, cfg_beta=1.0, tr_uniform=0.0),
     "pMF-B/32": dict(noise_scale=2.0, P_mean=0.8, P_std=0.8, t_thr=0.8, cfg_beta=1.0, tr_uniform=0.0),
@@ -34,7 +34,7 @@ JVP_PATHS = ("fast", "simple")
 @dataclass(frozen=True)
 class PMFConfig:
     """Method hyperparameters. Recipe values (first six) come from RECIPES via `for_preset`;
-    the rest are the paper's constants shared by every model (§9)."""
+    the rest are the paper's constants shared by every model (docs/method.md §9)."""
     noise_scale: float          # s: e = s * eps, at training and sampling
     P_mean: float               # logit-normal t, r: sigmoid(P_std * n + P_mean)
     P_std: float
@@ -45,7 +45,7 @@ class PMFConfig:
     data_proportion: float = 0.5  # the first floor(0.5 B) rows get r = t
     cfg_max: float = 7.0        # omega in [1, 8]
     class_dropout: float = 0.1
-    class_dropout_mode: str = "prefix"  # official "first k rows"; "per_sample" is the fixed variant (§2.3)
+    class_dropout_mode: str = "prefix"  # official "first k rows"; "per_sample" is the fixed variant (docs/method.md §2.4)
     t_clip: float = 0.05        # c(t) = clip(t, t_clip, 1)
     norm_eps: float = 0.01      # adaptive weight L / sg(L + eps)^p
     norm_p: float = 1.0
@@ -97,7 +97,7 @@ def _rand(n, like, generator):
 
 
 def sample_time(cfg, n, like, generator=None):
-    """(t, r, fm) of §2.1 steps 1-4: logit-normal pair, optional uniform mix, r = t prefix, then order."""
+    """(t, r, fm) of docs/method.md §2.1: logit-normal pair, optional uniform mix, r = t prefix, then order."""
     def logit_normal():
         return torch.sigmoid(cfg.P_std * torch.randn(n, generator=generator, device=like.device, dtype=like.dtype) + cfg.P_mean)
     t, r = logit_normal(), logit_normal()
@@ -106,11 +106,11 @@ def sample_time(cfg, n, like, generator=None):
     r = torch.where(uniform, _rand(n, like, generator), r)
     fm = torch.arange(n, device=like.device) < int(n * cfg.data_proportion)
     r = torch.where(fm, t, r)
-    return torch.maximum(t, r), torch.minimum(t, r), fm  # order after the prefix (§11.6)
+    return torch.maximum(t, r), torch.minimum(t, r), fm  # order after the prefix (docs/method.md §2.1)
 
 
 def sample_omega(cfg, n, like, generator=None):
-    """omega on [1, 1 + cfg_max] with density ~ omega^-beta, by inverse CDF (§2.1 step 7)."""
+    """omega on [1, 1 + cfg_max] with density ~ omega^-beta, by inverse CDF (docs/method.md §2.2)."""
     u = _rand(n, like, generator)
     top = torch.tensor(1.0 + cfg.cfg_max, dtype=like.dtype, device=like.device)
     if cfg.cfg_beta == 1.0:
@@ -120,7 +120,7 @@ def sample_omega(cfg, n, like, generator=None):
 
 
 def sample_dropout(cfg, n, like, generator=None):
-    """Rows that get the null label: official prefix of k ~ Bin(n, p) rows, or a per-sample mask (§2.3)."""
+    """Rows that get the null label: official prefix of k ~ Bin(n, p) rows, or a per-sample mask (docs/method.md §2.4)."""
     coin = _rand(n, like, generator) < cfg.class_dropout
     if cfg.class_dropout_mode == "per_sample":
         return coin
@@ -149,7 +149,7 @@ def step_draws(cfg, rows, global_batch, image_shape, seed, step, device, dtype=t
     """Draws for `rows` of the global batch of optimizer step `step`, the same for any split of the
     batch over processes and accumulation steps: row draws come from one generator seeded by
     (seed, step) over the whole global batch (so the r = t and dropout prefixes are global, as in
-    the official multi-host [H] code), noise from a generator seeded per (seed, step, row).
+    the official multi-host code on branch `hsdp`), noise from a generator seeded per (seed, step, row).
     """
     rows = torch.as_tensor(list(rows), dtype=torch.long)
     like = torch.empty(0, dtype=dtype)
@@ -215,7 +215,7 @@ def reused_v_c_rows(t, r, t_min, t_max, drop):
     """(B,) bool: the rows whose guidance query of v_c is the training forward's v-head output.
 
     On the r = t prefix (rows before `first_moving_row`) with the interval [0, 1] (every r = t
-    row, §2.1 step 7) and the label kept, the query of v_c (h = 0, interval [0, 1], w_in = omega
+    row, docs/method.md §2.2) and the label kept, the query of v_c (h = 0, interval [0, 1], w_in = omega
     as t lies in [0, 1], label y) has exactly the inputs of the training forward (h = t - r = 0,
     the row's interval [0, 1] and omega, y_in = y), so its v-head output, detached, is v_c.
     """
@@ -225,7 +225,7 @@ def reused_v_c_rows(t, r, t_min, t_max, drop):
 
 @torch.no_grad()
 def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_rows=None, reused=None):
-    """The v-head queries of the self-guided target (§2.1 step 8, §2.3), pruned exactly (§2.2).
+    """The v-head queries of the self-guided target (docs/method.md §2.3, §2.4), pruned exactly (§2.3).
 
     Returns (v_c, v_u, w_in): (B, C, H, W), (B, C, H, W), (B,). v_c is the conditional velocity at
     the interval-masked scale w_in (omega inside [t_min, t_max], 1 outside), v_u the unconditional
@@ -265,15 +265,15 @@ def guided_target(v_t, v_c, v_u, w_in, drop):
 
 
 def jvp_tangent(v_c, v_u, drop, cfg):
-    """The z-tangent of du/dt: v_c, or v_u on the dropped rows under per-sample dropout (§2.3)."""
+    """The z-tangent of du/dt: v_c, or v_u on the dropped rows under per-sample dropout (docs/method.md §2.4)."""
     return torch.where(_col(drop), v_u, v_c) if cfg.class_dropout_mode == "per_sample" else v_c
 
 
 def du_dt_jvp(model, z, t, r, omega, t_min, t_max, y, tangent, cfg):
-    """du/dt of F(z, t, r) = u(z, t, h = t - r, ...) along (tangent, 1, 0), stop-gradient (§2.1 step 10).
+    """du/dt of F(z, t, r) = u(z, t, h = t - r, ...) along (tangent, 1, 0), stop-gradient (docs/method.md §2.5).
 
     No-grad forward-mode AD on the unwrapped network with explicit attention (flash / CPU SDPA
-    have no forward AD, §10.1), in at least fp32 with autocast off (§10.5).
+    have no forward AD, docs/method.md §10.1), in at least fp32 with autocast off (§10.4).
     """
     if _is_compiled(model):
         raise ValueError("method.jvp=simple needs an eager network (torch.func.jvp through compiled code drops "
@@ -298,7 +298,7 @@ def velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg):
     a probability-zero event). u and v carry autograd; du/dt does not.
 
     du/dt enters the loss only through (t - r) du/dt, so the tangent is propagated only from the
-    first row with r < t on (the r = t rows are a prefix, §2.1 step 3); earlier rows get 0.
+    first row with r < t on (the r = t rows are a prefix, docs/method.md §2.1); earlier rows get 0.
     """
     start = first_moving_row(t, r)
     du_dt = torch.zeros_like(_fp32_or_wider(z))
@@ -318,7 +318,7 @@ def velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y, tangent, cfg):
 
 
 def adaptive_weight(loss, cfg):
-    """A(L) = L / sg((L + eps)^p), applied to each per-sample term separately (§2.1 step 12)."""
+    """A(L) = L / sg((L + eps)^p), applied to each per-sample term separately (docs/method.md §2.6)."""
     return loss / (loss + cfg.norm_eps).pow(cfg.norm_p).detach()
 
 
@@ -327,7 +327,7 @@ def _fp32_or_wider(a):
 
 
 def _per_sample_sq(a, b):
-    """Per-sample sum over C x H x W of (a - b)^2, reduced in fp32 or wider (§10.5)."""
+    """Per-sample sum over C x H x W of (a - b)^2, reduced in fp32 or wider (docs/method.md §10.4)."""
     return (_fp32_or_wider(a) - _fp32_or_wider(b)).pow(2).flatten(1).sum(1)
 
 
@@ -342,8 +342,8 @@ def pmf_loss(net, x, y, draws, cfg, perceptual=None):
     model = getattr(net, "module", net)
     t, r, omega, t_min, t_max = draws.t, draws.r, draws.omega, draws.t_min, draws.t_max
     z = (1 - _col(t)) * x + _col(t) * draws.e                      # z_t
-    v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), §11.2
-    y_in = torch.where(draws.drop, cfg.num_classes, y)              # class dropout, §2.3
+    v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), docs/method.md §2.1
+    y_in = torch.where(draws.drop, cfg.num_classes, y)              # class dropout, docs/method.md §2.4
     if cfg.jvp == "fast":
         tangent_rows = torch.arange(len(t), device=t.device) >= first_moving_row(t, r)
         reused = reused_v_c_rows(t, r, t_min, t_max, draws.drop)
@@ -390,7 +390,7 @@ def _perceptual_terms(perceptual, x_tilde, x, crops, mask):
 
 @torch.no_grad()
 def _metrics(loss, terms, raw_perc, sq_u, sq_v, du_dt, t, fm, use_perc, numel, cfg):
-    """Raw MSEs next to the adaptive terms (§11.27: A(L) ~ 1 says little), ||du/dt||, t buckets."""
+    """Raw MSEs next to the adaptive terms (docs/method.md §2.6: A(L) ~ 1 says little), ||du/dt||, t buckets."""
     mse_u = sq_u / numel
     m = {"loss": loss.detach()}
     m.update({name: term.mean().detach() for name, term in terms.items()})
@@ -427,7 +427,7 @@ def predict(net, z, t, r, omega, t_min, t_max, y, cfg, heads="u"):
 
 @torch.no_grad()
 def sample(net, noise, y, omega, t_min, t_max, cfg, steps=1):
-    """k-step pMF sampling (§3) from z_1 = noise_scale * noise; one step = one network evaluation.
+    """k-step pMF sampling (docs/method.md §3) from z_1 = noise_scale * noise; one step = one network evaluation.
 
     noise: (B, C, H, W) standard normal; y: (B,) labels; omega, t_min, t_max: floats or (B,).
     CFG is a network input: no unconditional pass, no batch doubling. Returns x: (B, C, H, W).

@@ -7,7 +7,7 @@
 The loop wires config -> model, pMF loss, Muon -> files. Each optimizer step consumes one global
 batch (micro x processes x accumulation) whose rows, random draws and noise depend only on
 (seed, step, row): any process/accumulation split trains the same, and resuming at step k
-continues the exact run (reference §10.4 for the JVP/DDP design, §6 for the EMAs).
+continues the exact run (docs/method.md §10.3 for the JVP/DDP design, §6 for the EMAs).
 
 Sections: the training step (`forward_backward`, `train_step`: also run by auto_batch.py and the
 benchmarks), the run's set-up (`train`) and its loop (`_loop`); checkpoints live in checkpoint.py.
@@ -61,7 +61,7 @@ class TrainingStopped(RuntimeError):
 
 
 class EMA:
-    """EDM half-life EMAs (reference §6): after optimizer step k with B images per step,
+    """EDM half-life EMAs (docs/method.md §6): after optimizer step k with B images per step,
     half = min(H, ramp * k * B) images, beta = 0.5 ** (B / half); kept in fp32."""
 
     def __init__(self, net, half_lives_kimg, rampup):

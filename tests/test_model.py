@@ -9,7 +9,7 @@ import model as model_lib
 import pmf
 from conftest import TINY, batch, flat_grads, tiny_cfg, tiny_model
 
-# Paper Tab. 8 / reference §4.1, in millions: (inference, training with the v-head).
+# Paper Tab. 8 / docs/method.md §4.1, in millions: (inference, training with the v-head).
 PAPER_PARAMS = {"pMF-B/16": (118.2, 175.5), "pMF-L/16": (410.3, None), "pMF-H/16": (955.5, None),
                 "pMF-B/32": (120.3, None), "pMF-L/32": (413.0, None), "pMF-H/32": (959.1, None)}
 
@@ -84,7 +84,7 @@ def test_explicit_attention_equals_sdpa():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-# ---- the authors' release layout (reference §4.7) and a straightforward reference forward ----
+# ---- the authors' release layout (docs/method.md §4.7) and a straightforward reference forward ----
 
 def _official_state_dict(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)

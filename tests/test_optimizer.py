@@ -19,7 +19,7 @@ def _random(shape, seed, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# ---- Newton-Schulz (reference §5.3) ----
+# ---- Newton-Schulz (docs/method.md §5.2) ----
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (96, 40)])
 def test_newton_schulz_singular_values_in_band_for_rectangular(shape):
@@ -79,7 +79,7 @@ def test_zero_gradient_and_state_leave_parameters_and_gradients_untouched():
     assert all(torch.equal(grads[n], p.grad) for n, p in net.named_parameters())
 
 
-# ---- partition (reference §5.1) ----
+# ---- partition (docs/method.md §5.1) ----
 
 @pytest.mark.parametrize("rule", optimizer.PARTITION_RULES)
 def test_partition_covers_every_parameter_once(rule):
@@ -104,7 +104,7 @@ def test_partition_covers_every_parameter_once(rule):
 # ---- five steps against the optax formulas, float64 ----
 
 def _optax_reference(params, grads_per_step, muon_names, lr):
-    """optax.contrib.muon(lr, adam_b2=0.95) written out in float64 (reference §5.1)."""
+    """optax.contrib.muon(lr, adam_b2=0.95) written out in float64 (docs/method.md §5.1)."""
     p = {n: t.double().clone() for n, t in params.items()}
     mu = {n: torch.zeros_like(t) for n, t in p.items()}
     nu = {n: torch.zeros_like(t) for n, t in p.items()}

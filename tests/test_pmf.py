@@ -32,7 +32,7 @@ def _draws(cfg, x, seed=0, **edits):
 def _reference_loss(net, x, y, d, cfg):
     """A deliberately plain pMF loss: the official unpruned guidance (two full v-head calls),
     grad-mode torch.func.jvp on the undistributed model with explicit attention, the formula
-    written out term by term (reference §2.1-2.2)."""
+    written out term by term (docs/method.md §2)."""
     c = lambda t: _col(t.clamp(0.05, 1.0))
 
     def vel(z, t, h, w, lo, hi, yy, heads, attn="explicit"):
@@ -147,7 +147,7 @@ def test_reused_v_c_gives_the_loss_of_querying_it(mode, monkeypatch, rel_err):
     assert rel_err(wrong[2], queried[2]) > 1e-6
 
 
-# ---- samplers (reference §2.1 steps 1-9) ----
+# ---- samplers (docs/method.md §2.1-2.4) ----
 
 N = 40000
 
@@ -310,7 +310,7 @@ def test_metrics_report_raw_terms_and_t_buckets():
     assert 0 < m["loss_u"] < 1 and m["mse_u"] > 0 and m["du_dt_norm"] > 0
 
 
-# ---- sampling (§3) ----
+# ---- sampling (docs/method.md §3) ----
 
 def test_one_step_sample_is_exactly_the_x_output():
     cfg = tiny_cfg(noise_scale=2.0)
