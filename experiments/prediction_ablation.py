@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
