@@ -36,7 +36,8 @@ TRAINING_KEYS = ("step", "model", "emas", "optimizer", "scaler", "counters", "co
 # batch trains the same model to float rounding (see README "Launching").
 RESUME_FREE_KEYS = ("logging.", "resume", "sampling.", "training.max_steps", "training.epochs",
                     "training.micro_batch_size", "training.grad_accum_steps", "training.max_consecutive_nonfinite",
-                    "training.compile", "training.init_from", "training.init_ema", "training.init_v_head",
+                    "training.compile", "training.init_from", "training.init_ema", "training.init_optimizer",
+                    "training.init_v_head",
                     "data.num_workers", "data.path", "perceptual.vgg16_path",
                     "perceptual.convnext_path")
 

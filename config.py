@@ -94,6 +94,7 @@ class TrainingConfig:
     compile: Optional[bool] = None  # null = auto: pmf.compile_wanted
     init_from: str = ""
     init_ema: bool = False
+    init_optimizer: bool = False
     init_v_head: str = "u_head"
 
 

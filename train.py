@@ -452,7 +452,7 @@ def train(cfg, resume=None, allow_config_change=False):
                           ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
         step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
         if ckpt is None:  # a fresh run: training.init_from (fine-tuning), if set
-            finetune.initial_weights(cfg, net, parts.ema, log=notes.append)
+            finetune.initial_weights(cfg, net, parts.ema, log=notes.append, opt=parts.opt)
         else:
             net.load_state_dict(ckpt["model"])
             parts.opt.load_state_dict(ckpt["optimizer"])
@@ -569,7 +569,8 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
                 f"{os.path.join(out_dir, 'ckpt-*.pt')}, samples {os.path.join(out_dir, 'samples-*.png')}, "
                 f"metrics {os.path.join(out_dir, 'metrics.jsonl')} (python plot.py {out_dir})")
     if last_good:
-        log.message(f"evaluate: python eval.py --ckpt {last_good} --ref-from-config")
+        log.message(f"evaluate: python eval.py --ckpt {last_good} "
+                    f"--ref-from-config {os.path.join(out_dir, 'config.yaml')}")
     return step
 
 

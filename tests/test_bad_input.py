@@ -178,9 +178,12 @@ DATA_CASES = {  # name: (d -> overrides, with d a fresh data directory; the star
     "parquet missing path": (lambda d: [*PARQUET, f"data.path={d}"], "error", "no 'train-*.parquet' files in"),
     "parquet wrong split": (lambda d: [*PARQUET, f"data.path={write_shards(d, LABELS)}", "data.split=validation"],
                             "error", "no 'validation-*.parquet' files in"),
-    "parquet one channel": (lambda d: [*PARQUET, "model.in_channels=1"], "data error",
-                            "data.source=parquet gives 3-channel images but the model takes 1; "
-                            "set model.in_channels=3"),
+    "parquet two channels": (lambda d: [*PARQUET, "model.in_channels=2"], "data error",
+                             "data.source=parquet gives 3 or 1-channel images but the model takes 2; "
+                             "set model.in_channels=3"),
+    "mnist three channels": (lambda d: [*MNIST, "model.in_channels=3"], "data error",
+                             "data.source=mnist gives 1-channel images but the model takes 3; "
+                             "set model.in_channels=1"),
     "folder extra class folders": (
         lambda d: [*FOLDER, f"data.path={write_folder(d, classes=5)}"], "data error",
         "has 5 class folders ('c0' ... 'c4') but model.num_classes=3; set model.num_classes=5"),

