@@ -214,6 +214,7 @@ def _check_state_dict(path):
 
 
 def _save_atomic(state, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

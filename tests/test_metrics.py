@@ -51,7 +51,7 @@ def test_frechet_distance_stays_exact_for_rank_deficient_covariances():
 def test_inception_features_and_fid_on_real_digits(tmp_path):
     from sklearn.datasets import load_digits
     import dataset
-    inception = metrics.Inception(_inception_script(), cache_dir=str(tmp_path))
+    inception = metrics.Inception(_inception_script(), cache_dir=str(tmp_path / "not" / "yet"))  # created on first use
     assert not inception.has_logits
     rng = np.random.default_rng(0)
     to_rgb = lambda gray: np.repeat(gray[..., None], 3, -1)
