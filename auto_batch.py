@@ -52,13 +52,10 @@ def run_trial(cfg, batch, steps, device):
     import model as model_lib
     import pmf
     import train
-    method, t = config_lib.method_config(cfg), cfg.training
+    method = config_lib.method_config(cfg)
     torch.manual_seed(0)
     net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg)).to(device)
-    parts = train.StepParts(net=net, method_cfg=method, precision=t.mixed_precision,
-                            scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
-                            perceptual=train.build_perceptual(cfg, method, device), opt=train.build_optimizer(cfg, net),
-                            ema=train.EMA(net, t.ema_half_lives_kimg, t.ema_rampup))
+    parts = train.step_parts(cfg, net, method, device)
     data = data_lib.DummyImages(net.input_size, net.in_channels, method.num_classes, batch)
     x = torch.stack([data.load(i)[0] for i in range(batch)]).to(device)
     y = torch.tensor([data.load(i)[1] for i in range(batch)], device=device)

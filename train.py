@@ -351,6 +351,17 @@ class StepParts:
     accelerator: Accelerator = None
 
 
+def step_parts(cfg, net, method_cfg, device, accelerator=None):
+    """The StepParts of `net` as configured: training.mixed_precision with its loss scaler (fp16),
+    the perceptual terms, Muon + AdamW, the EMAs. train.py, auto_batch.py and the throughput
+    benchmark build their steps with it."""
+    t = cfg.training
+    return StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
+                     scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
+                     perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
+                     ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
+
+
 @dataclasses.dataclass
 class StepResult:
     loss: torch.Tensor       # () mean pMF loss of the step's images
@@ -460,10 +471,7 @@ def train(cfg, resume=None, allow_config_change=False):
         net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
         if pmf.compile_wanted(t.compile, method_cfg.jvp, device):
             pmf.compile_model(net)  # in place, before the DDP wrap; state_dict names unchanged
-        parts = StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
-                          scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
-                          perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
-                          ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
+        parts = step_parts(cfg, net, method_cfg, device, accelerator)
         step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
         if ckpt is None:  # a fresh run: training.init_from (fine-tuning), if set
             finetune.initial_weights(cfg, net, parts.ema, log=notes.append)
