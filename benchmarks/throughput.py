@@ -86,18 +86,18 @@ def time_steps(cfg, batch, warmup, steps, device, random_perceptual=False, backe
     data = data_lib.DummyImages(net.input_size, net.in_channels, method.num_classes, batch)
     x = torch.stack([data.load(i)[0] for i in range(batch)]).to(device)
     y = torch.tensor([data.load(i)[1] for i in range(batch)], device=device)
-    flops = []
+    timed = []
     for step in range(warmup + steps):
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
         draws = pmf.step_draws(method, range(batch), batch, x.shape[1:], 0, step, device)
         train.train_step(parts, [(x, y, draws)], 1, step, batch)
-        if step >= warmup:
-            flops.append(flops_per_sample(net, method, draws)["pmf"] * batch)
+        timed += [draws] if step >= warmup else []
     _synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    return {"s_per_step": seconds, "peak_bytes": train.peak_memory_bytes(device), "flops_per_step": float(np.mean(flops))}
+    flops = np.mean([flops_per_sample(net, method, d)["pmf"] * batch for d in timed])
+    return {"s_per_step": seconds, "peak_bytes": train.peak_memory_bytes(device), "flops_per_step": float(flops)}
 
 
 # ---------------------------------------------------------------- the loader row
