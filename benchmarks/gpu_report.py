@@ -11,8 +11,8 @@ the step is otherwise train.py's (throughput.py's docstring). Time: each search 
 trials after --search-s seconds (its batch is then a lower bound, marked "capped"); then every
 model's eager rows run, then the loader row, then the compiled rows; a row that would start after
 the budget is spent, or runs past it, is marked in the table instead of measured. --tiny runs its
-rows in this process (its peak memory column is then this process's running peak), and its one
-search trial in a child as auto_batch does.
+rows in this process (its peak memory column is then this process's running peak; the budget
+decides only whether a row starts), and its one search trial in a child as auto_batch does.
 """
 import argparse
 import os

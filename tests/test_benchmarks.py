@@ -92,7 +92,7 @@ def test_gpu_report_cpu_path_writes_the_table(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GPU_REPORT_WHEELS": str(tmp_path)}
     start = time.perf_counter()
     run = subprocess.run(["bash", "benchmarks/gpu_report.sh", "--tiny", "--out", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)  # its 50 s budget decides which rows start
     seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny |")]
