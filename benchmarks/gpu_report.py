@@ -69,7 +69,8 @@ def step_row(args, model_overrides, batch, precision, compiled, deadline):
         return throughput.run_row(row_args, precision, compiled)
     cfg = config_lib.load_config(args.config, throughput._overrides(row_args, precision, compiled))
     try:  # --tiny: in this process (a child's start-up costs more than the row); peak memory is the running peak
-        return throughput.time_steps(cfg, batch, args.warmup, args.steps, torch.device(args.device), False, args.backend)
+        return throughput.time_steps(cfg, batch, args.warmup, args.steps, torch.device(args.device),
+                                     backend=args.backend)
     except Exception as err:  # a failing row is a table entry, as a failed child is
         return {"error": f"failed: {type(err).__name__}: {' '.join(str(err).splitlines())[:200]}"}
 

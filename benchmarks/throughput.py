@@ -178,8 +178,8 @@ def run_row(args, precision, compiled):
 
 def table(rows, loader, batch):
     """Markdown lines: one row per (precision, compile) step row, then the loader row."""
-    lines = ["| what | batch | precision | compile | s/step | img/s | speed-up vs first row | peak memory GB | model TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| what | batch | precision | compile | s/step | img/s | speed-up vs first row | peak memory GB | "
+             "model TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
     first = next((r for *_, r in rows if "error" not in r), None)
     for precision, compiled, r in rows:
         if "error" in r:
@@ -245,13 +245,15 @@ def main(argv=None):
         sys.exit(f"config error: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    size, channels = __import__("train")._image_shape(cfg)
+    import model as model_lib
+    import train
+    size, channels = train._image_shape(cfg)
     with torch.device("meta"):
-        params = sum(p.numel() for p in __import__("model").build_model(
-            cfg.model.name, **config_lib.model_overrides(cfg)).parameters())
+        params = sum(p.numel() for p in model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
+                     .parameters())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cores"
     header = (f"{cfg.model.name} recipe, {params / 1e6:.1f}M parameters, {size} px x {channels} channels; "
-              f"{args.device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} cores'}), "
-              f"torch {torch.__version__}; warm-up {args.warmup} + timed {args.steps} steps per row, each row in a fresh "
+              f"{args.device} ({where}), torch {torch.__version__}; warm-up {args.warmup} + timed {args.steps} steps per row, each row in a fresh "
               f"process; {args.config} {' '.join(_overrides(args))}")
     print(header, flush=True)
     rows = []
