@@ -52,13 +52,10 @@ def run_trial(cfg, batch, steps, device):
     import model as model_lib
     import pmf
     import train
-    method, t = config_lib.method_config(cfg), cfg.training
+    method = config_lib.method_config(cfg)
     torch.manual_seed(0)
     net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg)).to(device)
-    parts = train.StepParts(net=net, method_cfg=method, precision=t.mixed_precision,
-                            scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
-                            perceptual=train.build_perceptual(cfg, method, device), opt=train.build_optimizer(cfg, net),
-                            ema=train.EMA(net, t.ema_half_lives_kimg, t.ema_rampup))
+    parts = train.step_parts(cfg, net, method, device)
     data = data_lib.DummyImages(net.input_size, net.in_channels, method.num_classes, batch)
     x = torch.stack([data.load(i)[0] for i in range(batch)]).to(device)
     y = torch.tensor([data.load(i)[1] for i in range(batch)], device=device)
@@ -114,12 +111,13 @@ def measure(batch, args, budget):
     return result["ok"] and result["peak"] <= budget, result["peak"], result["seconds"]
 
 
-def search(measure_fn, budget, max_batch):
-    """Largest batch b <= max_batch with measure_fn(b) fitting: doubling, then bisection.
+def search(measure_fn, budget, max_batch, start=1):
+    """Largest batch b <= max_batch with measure_fn(b) fitting: doubling from `start`, then
+    bisection (between 0 and `start` when `start` does not fit).
 
     Returns (best, rows) with rows = [(batch, fits, peak, seconds)] in trial order."""
     rows, best, high = [], 0, None
-    batch = 1
+    batch = min(start, max_batch)
     while high is None and best < max_batch:
         fits, peak, seconds = measure_fn(batch)
         rows.append((batch, fits, peak, seconds))
@@ -127,13 +125,15 @@ def search(measure_fn, budget, max_batch):
             high = batch
         else:
             best, batch = batch, min(batch * 2, max_batch)
-    if best == 0:
-        raise AutoBatchError(f"even batch 1 does not fit: it needed {gb(rows[0][2])} against a budget of {gb(budget)}")
     while high is not None and high - best > 1:
         mid = (best + high) // 2
         fits, peak, seconds = measure_fn(mid)
         rows.append((mid, fits, peak, seconds))
         best, high = (mid, high) if fits else (best, mid)
+    if best == 0:
+        peak = next(p for b, _, p, _ in rows if b == 1)
+        needed = f"it needed {gb(peak)}" if peak else "it did not run"
+        raise AutoBatchError(f"even batch 1 does not fit: {needed} against a budget of {gb(budget)}")
     return best, rows
 
 

@@ -110,9 +110,12 @@ def _ema_index(ema, half_lives, path):
     return index
 
 
-def _generator(args, ema):
-    """The generator of one EMA with the command line's --noise-scale applied."""
+def _generator(args, ema, device):
+    """The generator of one EMA with the command line's --noise-scale applied, its network compiled
+    (pmf.compile_model) when --compile resolves to on for `device`."""
     net, method, label, sampling = load_generator(args.ckpt, ema, args.model)
+    if pmf.compile_wanted(args.compile, "fast", device):  # sampling needs no JVP: any method.jvp compiles
+        pmf.compile_model(net)
     if args.noise_scale is not None:
         method = dataclasses.replace(method, noise_scale=args.noise_scale)
     return Generator(net, method, label, sampling)
@@ -427,6 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=_positive_int, default=1, help="network evaluations per sample")
     p.add_argument("--noise-scale", type=float, default=None,
                    help="override the noise scale (default: the checkpoint's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the sampler's network forward (default: on for CUDA, off on CPU, as "
+                        "training.compile); tests/test_compile.py checks the PNGs against eager ones on CPU")
     p.add_argument("--seed", type=int, default=42, help="noise of index i is seeded with i XOR seed")
     p.add_argument("--out-dir", default=None,
                    help="folder of the run folders, one per setting (default: <ckpt dir>/eval)")
@@ -490,7 +496,8 @@ def main(argv=None):
 def _run(args, state):
     """Every check (checkpoint, EMAs, grid classes, metric inputs, run folders) before any sampling."""
     from accelerate.utils import broadcast_object_list
-    generators = {ema: _generator(args, ema) for ema in (args.sweep_ema.split(",") if args.sweep_ema else [args.ema])}
+    emas = args.sweep_ema.split(",") if args.sweep_ema else [args.ema]
+    generators = {ema: _generator(args, ema, state.device) for ema in emas}
     num_classes = next(iter(generators.values())).method.num_classes
     bad = [c for c in args.grid_classes or [] if not 0 <= c < num_classes]
     if bad:

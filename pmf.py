@@ -223,6 +223,22 @@ def reused_v_c_rows(t, r, t_min, t_max, drop):
     return prefix & (t_min == 0) & (t_max == 1) & ~drop
 
 
+def fast_path_rows(t, r, t_min, t_max, drop):
+    """(tangent_rows, reused): (B,) bool, the fast path's tangent rows (from the first r < t row on)
+    and its `reused_v_c_rows`; `guidance_velocities` queries neither for v_c needlessly."""
+    return torch.arange(len(t), device=t.device) >= first_moving_row(t, r), reused_v_c_rows(t, r, t_min, t_max, drop)
+
+
+def guidance_rows(t, drop, t_min, t_max, cfg, tangent_rows=None, reused=None):
+    """(cond, uncond): (B,) bool, the rows of `guidance_velocities`' v_c and v_u queries (its
+    docstring says which rows need which); the arguments are its own."""
+    inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
+    tangent_rows = torch.ones_like(drop) if tangent_rows is None else tangent_rows
+    reused = torch.zeros_like(drop) if reused is None else reused
+    takes_v_u = drop & (cfg.class_dropout_mode == "per_sample")
+    return (~drop & ~reused) | (tangent_rows & ~takes_v_u), (inside & ~drop) | (tangent_rows & takes_v_u)
+
+
 @torch.no_grad()
 def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_rows=None, reused=None):
     """The v-head queries of the self-guided target (docs/method.md §2.3, §2.4), pruned exactly (§2.3).
@@ -242,12 +258,8 @@ def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_
     """
     inside = (t_min <= t) & (t <= t_max)  # inclusive, as the official code
     w_in = torch.where(inside, omega, torch.ones_like(omega))
-    per_sample = cfg.class_dropout_mode == "per_sample"
-    tangent_rows = torch.ones_like(drop) if tangent_rows is None else tangent_rows
-    reused = torch.zeros_like(drop) if reused is None else reused
-    takes_v_u = drop & per_sample
-    cond = ((~drop & ~reused) | (tangent_rows & ~takes_v_u)).nonzero().squeeze(1)
-    uncond = ((inside & ~drop) | (tangent_rows & takes_v_u)).nonzero().squeeze(1)
+    cond, uncond = (rows.nonzero().squeeze(1) for rows in guidance_rows(t, drop, t_min, t_max, cfg, tangent_rows,
+                                                                         reused))
     k, m = len(cond), len(uncond)
     v_c, v_u = torch.zeros_like(z), torch.zeros_like(z)
     if k + m:
@@ -345,8 +357,7 @@ def pmf_loss(net, x, y, draws, cfg, perceptual=None):
     v_t = (z - x) / _col(t.clamp(cfg.t_clip, 1.0))                 # (z_t - x) / c(t), docs/method.md §2.1
     y_in = torch.where(draws.drop, cfg.num_classes, y)              # class dropout, docs/method.md §2.4
     if cfg.jvp == "fast":
-        tangent_rows = torch.arange(len(t), device=t.device) >= first_moving_row(t, r)
-        reused = reused_v_c_rows(t, r, t_min, t_max, draws.drop)
+        tangent_rows, reused = fast_path_rows(t, r, t_min, t_max, draws.drop)
         v_c, v_u, w_in = guidance_velocities(model, z, t, y, draws.drop, omega, t_min, t_max, cfg, tangent_rows, reused)
         tangent = jvp_tangent(v_c, v_u, draws.drop, cfg)
         u, v, du_dt = velocities_and_du_dt(net, z, t, r, omega, t_min, t_max, y_in, tangent, cfg)

@@ -287,12 +287,25 @@ class Window:
         return out
 
 
+def sampling_network(cfg, method_cfg, device):
+    """The inference build (no v-head) that draws the sample grids, on the CPU; compiled, as the
+    training network, when training.compile resolves to on for the accelerator. It is built once per
+    run and gets each grid's EMA weights in place, so a compiled graph is captured at the first grid
+    and reused by every later one (same shapes, same parameter tensors)."""
+    net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg), with_v_head=False).eval()
+    if pmf.compile_wanted(cfg.training.compile, method_cfg.jvp, device):
+        pmf.compile_model(net)
+    return net
+
+
 @torch.no_grad()
-def save_samples(path, ema_state, cfg, method_cfg, device):
-    """One-step samples of an EMA with fixed noise and labels (row i of the grid: class i mod K)."""
-    net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg), with_v_head=False)
+def save_samples(path, net, ema_state, cfg, method_cfg, device):
+    """One-step samples of an EMA with fixed noise and labels (row i of the grid: class i mod K).
+
+    net: `sampling_network`'s build; it holds the EMA on `device` while drawing and goes back to the
+    CPU after, so the accelerator keeps no second copy of the model between grids."""
     model_lib.load_weights(net, ema_state, source="EMA")
-    net.to(device).eval()
+    net.to(device)
     n = cfg.logging.sample_grid
     gen = torch.Generator().manual_seed(cfg.training.seed)
     noise = torch.randn(n, net.in_channels, net.input_size, net.input_size, generator=gen)
@@ -300,6 +313,7 @@ def save_samples(path, ema_state, cfg, method_cfg, device):
     labels = (torch.arange(n) // nrow) % method_cfg.num_classes
     s = cfg.sampling
     x = pmf.sample(net, noise.to(device), labels.to(device), s.omega, s.t_min, s.t_max, method_cfg, steps=s.steps)
+    net.to("cpu")
     torchvision.utils.save_image((x.float().cpu() + 1) / 2, path, nrow=nrow)
     return labels[::nrow].tolist()
 
@@ -335,6 +349,17 @@ class StepParts:
     opt: torch.optim.Optimizer = None
     ema: EMA = None
     accelerator: Accelerator = None
+
+
+def step_parts(cfg, net, method_cfg, device, accelerator=None):
+    """The StepParts of `net` as configured: training.mixed_precision with its loss scaler (fp16),
+    the perceptual terms, Muon + AdamW, the EMAs. train.py, auto_batch.py and the throughput
+    benchmark build their steps with it."""
+    t = cfg.training
+    return StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
+                     scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
+                     perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
+                     ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
 
 
 @dataclasses.dataclass
@@ -446,10 +471,7 @@ def train(cfg, resume=None, allow_config_change=False):
         net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
         if pmf.compile_wanted(t.compile, method_cfg.jvp, device):
             pmf.compile_model(net)  # in place, before the DDP wrap; state_dict names unchanged
-        parts = StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
-                          scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
-                          perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
-                          ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
+        parts = step_parts(cfg, net, method_cfg, device, accelerator)
         step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
         if ckpt is None:  # a fresh run: training.init_from (fine-tuning), if set
             finetune.initial_weights(cfg, net, parts.ema, log=notes.append, opt=parts.opt)
@@ -498,7 +520,7 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
     """Optimizer steps from `step` to `total` (or a stop request); logging, samples, checkpoints."""
     t, out_dir, acc = cfg.training, cfg.logging.out_dir, parts.accelerator
     window, streak, tick, start = Window(), 0, time.perf_counter(), time.perf_counter()
-    first_step, last_good = step, None
+    first_step, last_good, sampler_net = step, None, None
 
     def micro_batches():
         for a in range(accum):
@@ -540,7 +562,10 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
             log.write(record)
         if acc.is_main_process and (step % cfg.logging.sample_every == 0 or step == total):
             path = os.path.join(out_dir, f"samples-{step:08d}.png")
-            rows = save_samples(path, parts.ema.state_dict(cfg.sampling.ema), cfg, parts.method_cfg, acc.device)
+            if sampler_net is None:
+                sampler_net = sampling_network(cfg, parts.method_cfg, acc.device)
+            rows = save_samples(path, sampler_net, parts.ema.state_dict(cfg.sampling.ema), cfg, parts.method_cfg,
+                                acc.device)
             log.message(f"wrote {path} (grid rows are classes {rows})")
 
         # -- checkpoint: periodic ones only after a finite step; the last one and a stop always

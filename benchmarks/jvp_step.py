@@ -79,7 +79,10 @@ def flops_per_sample(net, method, draws):
     A block: 2 L (4 D^2 + 3 D F) for its linears, 4 L^2 D for q k^T and P v; its tangent repeats
     the linears and does 5 attention-sized products (P recomputed, dS, dP v, P dv). A backward is
     twice its forward, plus the v-head's forward again under model.recompute_v_head. Guidance:
-    trunk + v-head on the B rows and on the rows that need the unconditional velocity.
+    trunk + v-head on the rows `pmf.guidance_rows` queries (v_c and v_u rows): on the fast path
+    (pmf, pmf_perc) v_c skips the kept r = t rows, which reuse the training forward's v-head
+    output, and the dropped r = t rows, which need none; method.jvp=simple (split, reference)
+    queries v_c on every row.
     """
     d, tokens, patches = net.pos_embed.shape[-1], net.pos_embed.shape[1], net.grid ** 2
     width = net.u_head[0].mlp.w1.out_features
@@ -93,12 +96,19 @@ def flops_per_sample(net, method, draws):
     train_uv = 3 * fwd_uv + (fwd_uv - fwd_u) * net.recompute_v_head
     tangent = fwd_u + (trunk + head) * 1.5 * attn
     moving = (draws.t != draws.r).float().mean().item()  # the fast path's tangent covers r < t rows only
-    inside = (draws.t_min <= draws.t) & (draws.t <= draws.t_max)
-    uncond = (inside & ~draws.drop) | (draws.drop & (method.class_dropout_mode == "per_sample"))
-    guidance = (1 + uncond.float().mean().item()) * fwd_u  # pmf.guided_target; the v path costs what the u path does
+    d = draws
+    fast = guidance_rows_per_sample(method, d, pmf.fast_path_rows(d.t, d.r, d.t_min, d.t_max, d.drop)) * fwd_u
+    simple = guidance_rows_per_sample(method, d, (None, None)) * fwd_u  # the v path costs what the u path does
     return {"fm": 3 * fwd_u, "fm_uv": train_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
-            "pmf": guidance + moving * tangent + train_uv, "pmf_perc": guidance + moving * tangent + train_uv,
-            "split": guidance + fwd_u + tangent + train_uv, "reference": guidance + tangent + 3 * fwd_uv}
+            "pmf": fast + moving * tangent + train_uv, "pmf_perc": fast + moving * tangent + train_uv,
+            "split": simple + fwd_u + tangent + train_uv, "reference": simple + tangent + 3 * fwd_uv}
+
+
+def guidance_rows_per_sample(method, draws, fast_rows):
+    """Rows of the guidance query (v_c rows + v_u rows, `pmf.guidance_rows`) per image of the batch;
+    fast_rows: `pmf.fast_path_rows` of the draws (method.jvp=fast) or (None, None) (simple)."""
+    cond, uncond = pmf.guidance_rows(draws.t, draws.drop, draws.t_min, draws.t_max, method, *fast_rows)
+    return (cond.sum() + uncond.sum()).item() / len(draws.t)
 
 
 def setup(args):

@@ -23,6 +23,12 @@ def test_search_doubles_then_bisects():
     assert ab.choose_micro(64, 64, 1) == (64, 1)  # a full batch that fits is used whole (the margin is memory)
     with pytest.raises(ab.AutoBatchError, match="even batch 1 does not fit: it needed 0.00 GB"):
         ab.search(lambda b: (False, 1000, None), 10, 64)
+    tried.clear()
+    assert ab.search(fits_up_to_37, 3700, 1024, start=32)[0] == 37 and tried[:2] == [32, 64]
+    tried.clear()
+    assert ab.search(fits_up_to_37, 3700, 1024, start=64)[0] == 37 and tried == [64, 32, 48, 40, 36, 38, 37]
+    with pytest.raises(ab.AutoBatchError, match="even batch 1 does not fit"):
+        ab.search(lambda b: (False, 1000, None), 10, 64, start=8)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8, 16])

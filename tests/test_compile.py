@@ -1,5 +1,6 @@
 """training.compile: the compiled network (pmf.compile_model) against the eager one, the number
-of graphs a run compiles, DDP around it, and the rejected combination with method.jvp=simple.
+of graphs a run compiles, DDP around it, the rejected combination with method.jvp=simple, and the
+compiled samplers (eval.py --compile, train.py's sample grids) against eager ones.
 
 CPU inductor compiles take tens of seconds; the graph count uses the cheaper aot_eager backend
 (the same Dynamo capture and AOTAutograd split as inductor, eager kernels)."""
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch._dynamo.backends.registry import lookup_backend
 
 import config
@@ -152,3 +154,59 @@ def test_compiled_sampler_writes_the_same_images(tmp_path):
         ev.generate(net, cfg, out_dir, list(range(8)), 8, 4, 3.0, 0.1, 0.8, 1, 42)
         images[name] = ev.load_pngs(out_dir, 8)
     assert np.array_equal(images["eager"], images["compiled"])
+
+
+def _fresh_dynamo():
+    """Dynamo's caches and counters emptied (reset() keeps the counters)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def _unique_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_eval_compile_flag_writes_the_eager_pngs(tmp_path):
+    """eval.py --compile against --no-compile on one checkpoint: byte-identical PNGs (uint8 rounding
+    of both), and only --compile captured a graph."""
+    import train
+    from test_train import tiny
+    train.train(config.load_config(None, tiny(tmp_path / "run")))
+    common = ["--ckpt", str(tmp_path / "run" / "ckpt-00000004.pt"), "--num-samples", "8", "--batch-size", "4",
+              "--no-metrics", "--omega", "2", "--t-min", "0", "--t-max", "1"]
+    pngs, graphs = {}, {}
+    for flag in ("--no-compile", "--compile"):
+        _fresh_dynamo()
+        ev.main(common + [flag, "--out-dir", str(tmp_path / flag)])
+        [run_dir] = [os.path.join(tmp_path / flag, d) for d in os.listdir(tmp_path / flag)]
+        pngs[flag], graphs[flag] = ev.load_pngs(run_dir, 8), _unique_graphs()
+    differing = int((pngs["--compile"] != pngs["--no-compile"]).sum())
+    print(f"eval --compile vs --no-compile: {differing} of {pngs['--compile'].size} uint8 values differ; "
+          f"graphs {graphs}")
+    assert graphs == {"--no-compile": 0, "--compile": 1}
+    assert differing == 0
+
+
+def test_training_sample_grids_compile_once_and_match_eager(tmp_path):
+    """train.py's sample grids with training.compile=true: two grids from different EMA weights
+    capture one graph (the network is built once, weights loaded in place), and each grid's PNG is
+    the eager network's."""
+    import train
+    from test_train import tiny
+    grids = {}
+    states = [tiny_model(dtype=torch.float32, seed=s, with_v_head=False).state_dict() for s in (1, 2)]
+    for setting in ("false", "true"):
+        _fresh_dynamo()
+        cfg = config.load_config(None, tiny(tmp_path, f"training.compile={setting}"))
+        method = config.method_config(cfg)
+        net = train.sampling_network(cfg, method, torch.device("cpu"))
+        for k, state in enumerate(states):
+            path = tmp_path / f"{setting}-{k}.png"
+            train.save_samples(str(path), net, state, cfg, method, torch.device("cpu"))
+            grids[setting, k] = np.array(Image.open(path))
+        grids[setting, "graphs"] = _unique_graphs()
+    print(f"sample grids compiled vs eager: graphs {grids['true', 'graphs']} and {grids['false', 'graphs']}, "
+          f"differing values {[int((grids['true', k] != grids['false', k]).sum()) for k in (0, 1)]}")
+    assert grids["true", "graphs"] == 1 and grids["false", "graphs"] == 0
+    assert not np.array_equal(grids["false", 0], grids["false", 1])  # the weights really changed
+    assert all(np.array_equal(grids["true", k], grids["false", k]) for k in (0, 1))
