@@ -1,11 +1,19 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) on CPU with gloo: sharded Muon, training, checkpoints."""
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import checkpoint
+import config
+import eval as eval_lib
 import muon_fsdp_worker as muon_worker
+import parallel
+import train
+from test_train import assert_same_state, load, run, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -36,3 +44,114 @@ def test_sharded_muon_equals_the_unsharded_optimizer(tmp_path):
     start = list(muon_worker.make_params().parameters())
     assert torch.equal(params[muon_worker.NO_GRAD], start[muon_worker.NO_GRAD])
     assert all((p - s).abs().max() > 1e-3 for i, (p, s) in enumerate(zip(params, start)) if i != muon_worker.NO_GRAD)
+
+
+# ---------------------------------------------------------------- train.py under fsdp / hsdp
+
+STEPS = 5
+
+
+def launch(out_dir, *extra, nproc=2, resume=None):
+    """train.py on the tiny model under torchrun: 5 steps of 8 images, micro 2 (accumulation 2 on
+    two processes), checkpoints at steps 2, 4 and 5."""
+    args = ["train.py", "--config", "config.yaml",
+            *tiny(out_dir, f"training.max_steps={STEPS}", "training.micro_batch_size=2", *extra)]
+    return torchrun(*args, *(["--resume", resume] if resume else []), nproc=nproc)
+
+
+def consolidated(out_dir, step):
+    return checkpoint.read(checkpoint.consolidate(checkpoint.path_for(str(out_dir), step, sharded=True)))
+
+
+def max_difference(a, b):
+    """Largest |a - b| over the model, the EMAs and the optimizer's tensors of two checkpoints."""
+    pairs = [(a["model"][n], b["model"][n]) for n in a["model"]]
+    pairs += [(x[n], y[n]) for x, y in zip(a["emas"], b["emas"]) for n in x]
+    pairs += [(v, b["optimizer"]["state"][i][k]) for i, s in a["optimizer"]["state"].items() for k, v in s.items()
+              if torch.is_tensor(v)]
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-process ddp and fsdp runs of the same config (module-wide: several tests read them)."""
+    root = tmp_path_factory.mktemp("runs")
+    launch(root / "ddp")
+    launch(root / "fsdp", "training.parallel=fsdp")
+    return root
+
+
+def test_fsdp_trains_like_ddp(runs):
+    """Parameters, EMAs and optimizer state after 5 steps (with accumulation) equal DDP's to float32
+    rounding (the tolerance of test_train's DDP equivalence)."""
+    fsdp = consolidated(runs / "fsdp", STEPS)
+    assert_same_state(load(runs / "ddp", STEPS), fsdp, exact=False)
+    assert max_difference(load(runs / "ddp", STEPS), fsdp) < 1e-5
+    assert sorted(os.listdir(runs / "fsdp" / "ckpt-00000004.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                      checkpoint.META]
+
+
+def test_sharded_resume_is_bit_exact(runs, tmp_path):
+    """Resuming the step-2 sharded checkpoint on two processes ends bit-exactly where the straight run did."""
+    shutil.copytree(runs / "fsdp" / "ckpt-00000002.dcp", tmp_path / "ckpt-00000002.dcp")
+    launch(tmp_path, "training.parallel=fsdp", resume="auto")
+    assert_same_state(consolidated(runs / "fsdp", STEPS), consolidated(tmp_path, STEPS), exact=True)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_and_as_one_file(runs, tmp_path):
+    """DCP reshards the 2-process step-4 checkpoint onto one fsdp process; the consolidated file
+    resumes under ddp. Both end at the straight run's step 5 to float32 rounding."""
+    shutil.copytree(runs / "fsdp" / "ckpt-00000004.dcp", tmp_path / "one" / "ckpt-00000004.dcp")
+    run(tmp_path / "one", f"training.max_steps={STEPS}", "training.micro_batch_size=2", "training.parallel=fsdp",
+        resume="auto")
+    straight = consolidated(runs / "fsdp", STEPS)
+    assert_same_state(straight, consolidated(tmp_path / "one", STEPS), exact=False)
+    os.makedirs(tmp_path / "file")
+    single = checkpoint.consolidate(str(runs / "fsdp" / "ckpt-00000004.dcp"), str(tmp_path / "file" / "ckpt-00000004.pt"))
+    run(tmp_path / "file", f"training.max_steps={STEPS}", "training.micro_batch_size=2", resume=single)
+    assert_same_state(straight, load(tmp_path / "file", STEPS), exact=False)
+
+
+def test_consolidated_file_loads_in_eval_and_the_cli_writes_it(runs, tmp_path):
+    shutil.copytree(runs / "fsdp" / "ckpt-00000005.dcp", tmp_path / "ckpt-00000005.dcp")
+    out = subprocess.run([sys.executable, "checkpoint.py", "consolidate", str(tmp_path / "ckpt-00000005.dcp")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
+    path = str(tmp_path / "ckpt-00000005.pt")
+    assert out.strip() == f"wrote {path}"
+    state = checkpoint.read(path)
+    assert checkpoint.is_training_checkpoint(state) and state["step"] == STEPS and len(state["rng"]) == 2
+    net, _, which, _ = eval_lib.load_generator(path)
+    assert which == "ema 0.05 kimg"
+    assert torch.equal(net.trunk[0].attn.q.weight, state["emas"][-1]["trunk.0.attn.q.weight"])
+    with pytest.raises(checkpoint.CheckpointError, match="python checkpoint.py consolidate"):
+        checkpoint.read(str(tmp_path / "ckpt-00000005.dcp"))
+
+
+def test_sharded_checkpoint_errors(runs, tmp_path):
+    """ddp cannot resume a .dcp folder; a folder of another model cannot be resharded: one line each."""
+    with pytest.raises(checkpoint.CheckpointError, match="resume it with training.parallel=fsdp"):
+        run(tmp_path / "ddp", resume=str(runs / "fsdp" / "ckpt-00000004.dcp"))
+    shutil.copytree(runs / "fsdp" / "ckpt-00000004.dcp", tmp_path / "other" / "ckpt-00000004.dcp")
+    cfg = config.load_config(None, tiny(tmp_path / "other", "training.parallel=fsdp", "model.hidden_size=64"))
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be resharded onto this run"):
+        train.train(cfg, "auto", allow_config_change=True)
+
+
+def test_sharded_config_errors():
+    bad = {"method.jvp=simple": "needs method.jvp=fast", "training.mixed_precision=fp16": "does not support",
+           "training.compile=true": "not supported with training.parallel"}
+    for override, message in bad.items():
+        with pytest.raises(config.ConfigError, match=message):
+            config.load_config(None, tiny("x", "training.parallel=fsdp", override))
+    cfg = config.load_config(None, tiny("x", "training.parallel=hsdp", "training.hsdp_shard_size=3"))
+    with pytest.raises(config.ConfigError, match="hsdp_shard_size 3 does not divide the 2 processes"):
+        parallel.shard_size(cfg, 2)
+    with pytest.raises(config.ConfigError, match="must be one of"):
+        config.load_config(None, tiny("x", "training.parallel=zero3"))
+
+
+@pytest.mark.parametrize("shard", [1, 2])
+def test_hsdp_meshes_train_like_ddp(runs, tmp_path, shard):
+    """hsdp at world 2: mesh 2 x 1 (replicated, shards of one) and 1 x 2 (one sharded group)."""
+    launch(tmp_path, "training.parallel=hsdp", f"training.hsdp_shard_size={shard}")
+    assert max_difference(load(runs / "ddp", STEPS), consolidated(tmp_path, STEPS)) < 1e-5
