@@ -19,8 +19,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import config as config_lib
 
-MODES = ("ddp", "fsdp", "hsdp")
-
 
 def is_sharded(net):
     return isinstance(net, FSDPModule)

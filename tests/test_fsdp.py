@@ -11,6 +11,7 @@ import checkpoint
 import config
 import eval as eval_lib
 import muon_fsdp_worker as muon_worker
+import optimizer
 import parallel
 import train
 from test_train import assert_same_state, load, run, tiny
@@ -18,6 +19,8 @@ from test_train import assert_same_state, load, run, tiny
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import memory  # noqa: E402
 
 
 def torchrun(*args, nproc=2):
@@ -155,3 +158,13 @@ def test_hsdp_meshes_train_like_ddp(runs, tmp_path, shard):
     """hsdp at world 2: mesh 2 x 1 (replicated, shards of one) and 1 x 2 (one sharded group)."""
     launch(tmp_path, "training.parallel=hsdp", f"training.hsdp_shard_size={shard}")
     assert max_difference(load(runs / "ddp", STEPS), consolidated(tmp_path, STEPS)) < 1e-5
+
+
+def test_row_counts_follow_torch_chunk():
+    """The sharded Muon's row split (and the memory benchmark's rank-0 rows) is FSDP2's Shard(0),
+    torch.chunk padded with empty shards."""
+    for rows in range(1, 20):
+        for world in range(1, 6):
+            chunks = [c.shape[0] for c in torch.arange(rows).chunk(world)]
+            assert optimizer._row_counts(rows, world) == chunks + [0] * (world - len(chunks))
+            assert memory.shard_rows(rows, world) == chunks[0]
