@@ -13,6 +13,7 @@ import eval as eval_lib
 import muon_fsdp_worker as muon_worker
 import optimizer
 import parallel
+import pmf
 import train
 from test_train import assert_same_state, load, run, tiny
 
@@ -103,7 +104,7 @@ def test_sharded_resume_is_bit_exact(runs, tmp_path):
 
 def test_two_rank_checkpoint_resumes_on_one_rank_and_as_one_file(runs, tmp_path):
     """DCP reshards the 2-process step-4 checkpoint onto one fsdp process; the consolidated file
-    resumes under ddp. Both end at the straight run's step 5 to float32 rounding."""
+    resumes under ddp and under fsdp. All end at the straight run's step 5 to float32 rounding."""
     shutil.copytree(runs / "fsdp" / "ckpt-00000004.dcp", tmp_path / "one" / "ckpt-00000004.dcp")
     run(tmp_path / "one", f"training.max_steps={STEPS}", "training.micro_batch_size=2", "training.parallel=fsdp",
         resume="auto")
@@ -113,6 +114,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_as_one_file(runs, tmp_path)
     single = checkpoint.consolidate(str(runs / "fsdp" / "ckpt-00000004.dcp"), str(tmp_path / "file" / "ckpt-00000004.pt"))
     run(tmp_path / "file", f"training.max_steps={STEPS}", "training.micro_batch_size=2", resume=single)
     assert_same_state(straight, load(tmp_path / "file", STEPS), exact=False)
+    run(tmp_path / "file_fsdp", f"training.max_steps={STEPS}", "training.micro_batch_size=2",
+        "training.parallel=fsdp", resume=single)
+    assert_same_state(straight, consolidated(tmp_path / "file_fsdp", STEPS), exact=False)
 
 
 def test_consolidated_file_loads_in_eval_and_the_cli_writes_it(runs, tmp_path):
@@ -168,3 +172,24 @@ def test_row_counts_follow_torch_chunk():
             chunks = [c.shape[0] for c in torch.arange(rows).chunk(world)]
             assert optimizer._row_counts(rows, world) == chunks + [0] * (world - len(chunks))
             assert memory.shard_rows(rows, world) == chunks[0]
+
+
+def test_fsdp_skips_a_non_finite_step_and_trains_in_bf16(tmp_path, monkeypatch):
+    """One fsdp process: a NaN loss at step 2 is skipped (DTensor gradient norm, no update, no
+    EMA update); bf16 (MixedPrecisionPolicy + autocast) takes finite steps."""
+    original, calls = pmf.pmf_loss, []
+
+    def nan_at_second_call(*args, **kwargs):
+        loss, metrics = original(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    monkeypatch.setattr(pmf, "pmf_loss", nan_at_second_call)
+    run(tmp_path / "nan", "training.max_steps=3", "training.parallel=fsdp")
+    state = consolidated(tmp_path / "nan", 3)
+    assert state["counters"]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in [*state["model"].values(), *state["emas"][0].values()])
+    monkeypatch.setattr(pmf, "pmf_loss", original)
+    run(tmp_path / "bf16", "training.max_steps=2", "training.parallel=fsdp", "training.mixed_precision=bf16")
+    state = consolidated(tmp_path / "bf16", 2)
+    assert state["counters"]["skipped_steps"] == 0 and all(torch.isfinite(p).all() for p in state["model"].values())
