@@ -193,3 +193,16 @@ def test_fsdp_skips_a_non_finite_step_and_trains_in_bf16(tmp_path, monkeypatch):
     run(tmp_path / "bf16", "training.max_steps=2", "training.parallel=fsdp", "training.mixed_precision=bf16")
     state = consolidated(tmp_path / "bf16", 2)
     assert state["counters"]["skipped_steps"] == 0 and all(torch.isfinite(p).all() for p in state["model"].values())
+
+
+def test_keep_last_prunes_sharded_folders_and_auto_prefers_the_file(tmp_path):
+    """keep_last counts .dcp folders and .pt files alike; at one step, --resume auto's newest is the
+    one-file form (a consolidation); .dcp.tmp leftovers of a crash are no checkpoints."""
+    for step in (1, 2, 3):
+        os.makedirs(checkpoint.path_for(str(tmp_path), step, sharded=True))
+    open(checkpoint.path_for(str(tmp_path), 3), "w").close()
+    os.makedirs(str(tmp_path / "ckpt-00000004.dcp.tmp"))
+    assert [os.path.basename(p) for p in checkpoint.paths(str(tmp_path))][-2:] == ["ckpt-00000003.dcp",
+                                                                                   "ckpt-00000003.pt"]
+    checkpoint._prune(checkpoint.path_for(str(tmp_path), 3, sharded=True), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000003.dcp", "ckpt-00000003.pt", "ckpt-00000004.dcp.tmp"]
