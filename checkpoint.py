@@ -16,18 +16,36 @@ A checkpoint `out_dir/ckpt-{step:08d}.pt` is a `torch.save` dict that loads with
 
 Writes are atomic (a temporary file, fsync'd, renamed, then the directory fsync'd), so a crash or
 a full disk never leaves a half-written `ckpt-*.pt`.
+
+Sharded runs (training.parallel fsdp/hsdp) write `out_dir/ckpt-{step:08d}.dcp/`, a
+torch.distributed.checkpoint folder: every process writes its shards of model, emas and the
+optimizer's tensors (keys `model.<name>`, `emas.<i>.<name>`, `optimizer.<i>.<key>`), and rank 0
+adds meta.pt, the other keys as above (model and emas "sharded", optimizer without its tensors).
+It is written as `.dcp.tmp` and renamed when every process is done. Loading reshards to any
+world size. `python checkpoint.py consolidate ckpt-X.dcp [out.pt]` turns it into the one-file
+format (for eval.py, DDP --resume).
 """
+import argparse
 import errno
 import glob
 import os
 import re
+import shutil
+import sys
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import config as config_lib
 
 FORMAT_VERSION = 1
 PATTERN = "ckpt-*.pt"
+SHARDED_PATTERN = "ckpt-*.dcp"
+META = "meta.pt"
+SHARDED = "sharded"  # the value of model and emas in a sharded checkpoint's meta.pt
 TRAINING_KEYS = ("step", "model", "emas", "optimizer", "scaler", "counters", "config")
 
 # Config keys that may differ between a checkpoint and the run that resumes it: they change
@@ -36,8 +54,8 @@ TRAINING_KEYS = ("step", "model", "emas", "optimizer", "scaler", "counters", "co
 # batch trains the same model to float rounding (see README "Launching").
 RESUME_FREE_KEYS = ("logging.", "resume", "sampling.", "training.max_steps", "training.epochs",
                     "training.micro_batch_size", "training.grad_accum_steps", "training.max_consecutive_nonfinite",
-                    "training.compile", "training.init_from", "training.init_ema", "training.init_optimizer",
-                    "training.init_v_head",
+                    "training.compile", "training.parallel", "training.hsdp_shard_size", "training.init_from",
+                    "training.init_ema", "training.init_optimizer", "training.init_v_head",
                     "data.num_workers", "data.path", "perceptual.vgg16_path",
                     "perceptual.convnext_path")
 
@@ -46,19 +64,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the file and the fix."""
 
 
-def path_for(out_dir, step):
-    return os.path.join(out_dir, f"ckpt-{step:08d}.pt")
+def path_for(out_dir, step, sharded=False):
+    return os.path.join(out_dir, f"ckpt-{step:08d}" + (".dcp" if sharded else ".pt"))
 
 
 def step_of(path):
-    match = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
+    match = re.fullmatch(r"ckpt-(\d+)\.(pt|dcp)", os.path.basename(os.path.normpath(path)))
     return int(match.group(1)) if match else None
 
 
+def is_sharded_path(path):
+    return os.path.isdir(path) and os.path.normpath(path).endswith(".dcp")
+
+
 def paths(out_dir):
-    """The checkpoints in `out_dir`, oldest first."""
-    found = [p for p in glob.glob(os.path.join(out_dir, PATTERN)) if step_of(p) is not None]
-    return sorted(found, key=step_of)
+    """The checkpoints (files and sharded folders) in `out_dir`, oldest first; at one step the
+    one-file form (a consolidation) comes last, so it is the one taken as the newest."""
+    found = [p for pattern in (PATTERN, SHARDED_PATTERN) for p in glob.glob(os.path.join(out_dir, pattern))
+             if step_of(p) is not None]
+    return sorted(found, key=lambda p: (step_of(p), p.endswith(".pt")))
 
 
 def _fsync_dir(directory):
@@ -87,16 +111,126 @@ def save(path, state, keep_last=None):
         reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise CheckpointError(f"could not write {os.path.basename(path)} in {os.path.dirname(path)}: {reason}; "
                               "older checkpoints are intact") from None
+    _prune(path, keep_last)
+
+
+def _prune(path, keep_last):
+    """Keep the newest `keep_last` checkpoints of path's folder up to path's step (None: all)."""
     step = step_of(path)
     if keep_last is None or step is None:
         return
-    older = [p for p in paths(os.path.dirname(path)) if step_of(p) <= step]
+    older = [p for p in paths(os.path.dirname(os.path.abspath(path))) if step_of(p) <= step]
     for old in older[:-keep_last]:
-        os.remove(old)
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def _split(state):
+    """A checkpoint dict -> (flat {key: tensor} of model, emas and optimizer tensors, the rest)."""
+    flat = {f"model.{n}": t for n, t in state["model"].items()}
+    for i, ema in enumerate(state["emas"]):
+        flat.update({f"emas.{i}.{n}": t for n, t in ema.items()})
+    kept = {}
+    for i, param_state in state["optimizer"]["state"].items():
+        flat.update({f"optimizer.{i}.{k}": v for k, v in param_state.items() if torch.is_tensor(v)})
+        kept[i] = {k: v for k, v in param_state.items() if not torch.is_tensor(v)}
+    meta = {**state, "model": SHARDED, "emas": SHARDED,
+            "optimizer": {"param_groups": state["optimizer"]["param_groups"], "state": kept}}
+    return flat, meta
+
+
+def _join(flat, meta):
+    """Inverse of `_split`: the one-file checkpoint dict from the flat tensors and meta.pt."""
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    emas = [{} for _ in meta["ema_half_lives_kimg"]]
+    state = {i: dict(kept) for i, kept in meta["optimizer"]["state"].items()}
+    for key, value in flat.items():
+        kind, index, name = key.split(".", 2) if not key.startswith("model.") else (None, None, None)
+        if kind == "emas":
+            emas[int(index)][name] = value
+        elif kind == "optimizer":
+            state[int(index)][name] = value
+    optimizer = {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+    return {**meta, "model": model, "emas": emas, "optimizer": optimizer}
+
+
+def save_sharded(path, state, keep_last=None):
+    """Every process: write a checkpoint dict whose model, emas and optimizer tensors are DTensors
+    (or tensors equal on every process) as the folder `path` (torch.distributed.checkpoint),
+    atomically: into path.tmp, renamed by rank 0 once all processes and meta.pt are written. A
+    failure anywhere raises CheckpointError on every process; older checkpoints stay intact."""
+    tmp, rank = path + ".tmp", dist.get_rank()
+    flat, meta = _split(state)
+    reason = None
+    try:
+        if rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save(flat, checkpoint_id=tmp)
+        if rank == 0:
+            _write(os.path.join(tmp, META), {"format": FORMAT_VERSION, **meta})
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except (Exception, CheckpointException) as err:  # OSError, or dcp's wrapping of one per process
+        reason = "no space left on device" if "No space left" in str(err) else _last_line(err)
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    failed = [r for r in reasons if r]
+    if failed:
+        if rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {os.path.basename(path)} in {os.path.dirname(path)}: {failed[0]}; "
+                              "older checkpoints are intact")
+    if rank == 0:
+        _prune(path, keep_last)
+    dist.barrier()
+
+
+def _last_line(err):
+    """The last line of an error message (dcp's CheckpointException holds each rank's traceback)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _write(path, obj):
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_sharded(path, state):
+    """Fill, in place, the model, emas and optimizer tensors (DTensors of this run's layout) of the
+    checkpoint dict `state` from the folder `path`, resharding to this run's processes; every
+    process calls it. CheckpointError when the folder's tensors do not fit (another model)."""
+    flat, _ = _split(state)
+    try:
+        dcp.load(flat, checkpoint_id=path)
+    except (Exception, CheckpointException) as err:  # missing keys, shapes
+        reason = _last_line(err)
+        raise CheckpointError(f"sharded checkpoint {path} cannot be resharded onto this run ({reason}); resume it "
+                              "with the model and optimizer config it was written with") from None
+
+
+def consolidate(path, out=None):
+    """Turn the sharded checkpoint folder `path` into the one-file format at `out` (default: the
+    folder's name with .pt), in one process; returns out."""
+    meta = load_training(path)
+    out = out or os.path.normpath(path)[:-len(".dcp")] + ".pt"
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()
+            if isinstance(m, TensorStorageMetadata)}
+    dcp.load(flat, checkpoint_id=path, no_dist=True)
+    save(out, {k: v for k, v in _join(flat, meta).items() if k != "format"})
+    return out
 
 
 def read(path):
     """The dict stored in `path` (weights_only), or CheckpointError naming the file."""
+    if is_sharded_path(path):
+        raise CheckpointError(f"{path} is a sharded (training.parallel fsdp/hsdp) checkpoint folder; make one file "
+                              f"of it first: python checkpoint.py consolidate {path}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -112,8 +246,9 @@ def is_training_checkpoint(state):
 
 
 def load_training(path):
-    """A training checkpoint (for --resume); a weights-only file says where it belongs instead."""
-    state = read(path)
+    """A training checkpoint (for --resume); a weights-only file says where it belongs instead. For
+    a sharded folder: its meta.pt (model and emas are SHARDED; `load_sharded` reads the tensors)."""
+    state = read(os.path.join(path, META) if is_sharded_path(path) else path)
     if not is_training_checkpoint(state):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds weights only, no optimizer state or "
                               "step); to start a new run from its weights use training.init_from, to sample from it "
@@ -149,8 +284,9 @@ def select_resume(choice, out_dir, warn=print):
         return None, None
     if choice == "auto":
         return latest_readable(out_dir, warn)
-    if not os.path.isfile(choice):
-        raise CheckpointError(f"resume checkpoint {choice} not found; pass an existing file or --resume auto")
+    if not (os.path.isfile(choice) or is_sharded_path(choice)):
+        raise CheckpointError(f"resume checkpoint {choice} not found; pass an existing file (or .dcp folder) or "
+                              "--resume auto")
     state = load_training(choice)
     newer = [p for p in paths(out_dir) if step_of(p) > state["step"]
              and os.path.abspath(p) != os.path.abspath(choice)]
@@ -193,3 +329,27 @@ def check_resume_config(state, cfg, path, allow_change=False, warn=print):
                               f"({listed}); resume with the saved values, or pass --allow-config-change to continue "
                               "with the new ones (no longer the same run)")
     warn(f"resuming {path} with a changed config ({listed}): no longer the same run")
+
+
+def is_sharded_state(state):
+    return state["model"] == SHARDED
+
+
+def main(argv=None):
+    """`python checkpoint.py consolidate ckpt-X.dcp [out.pt]`; a bad folder ends as one line."""
+    parser = argparse.ArgumentParser(description="Checkpoint tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cons = sub.add_parser("consolidate", help="a sharded ckpt-*.dcp folder -> one ckpt-*.pt file (eval.py, ddp)")
+    cons.add_argument("path", help="the ckpt-*.dcp folder")
+    cons.add_argument("out", nargs="?", default=None, help="output file (default: the folder's name with .pt)")
+    args = parser.parse_args(argv)
+    if not is_sharded_path(args.path):
+        sys.exit(f"checkpoint error: {args.path} is not a sharded checkpoint folder (ckpt-*.dcp)")
+    try:
+        print(f"wrote {consolidate(args.path, args.out)}")
+    except CheckpointError as err:
+        sys.exit(f"checkpoint error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -92,6 +92,8 @@ class TrainingConfig:
     ema_rampup: float = 0.05
     max_consecutive_nonfinite: int = 50
     compile: Optional[bool] = None  # null = auto: pmf.compile_wanted
+    parallel: str = "ddp"  # ddp (Accelerate) | fsdp | hsdp (FSDP2, parallel.py)
+    hsdp_shard_size: Optional[int] = None  # hsdp: processes per shard group (null: per node)
     init_from: str = ""
     init_ema: bool = False
     init_optimizer: bool = False
@@ -141,12 +143,14 @@ CHOICES = {
     "optim.ns_dtype": ["float32", "bfloat16"],
     "data.source": ["parquet", "imagefolder", "mnist", "dummy"],
     "training.mixed_precision": ["no", "fp16", "bf16"],
+    "training.parallel": ["ddp", "fsdp", "hsdp"],
     "training.init_v_head": ["u_head", "random"],
 }
 POSITIVE = ["training.global_batch_size", "training.micro_batch_size", "training.grad_accum_steps",
             "training.epochs", "training.max_steps", "optim.lr", "optim.eps", "logging.log_every",
             "logging.ckpt_every", "logging.keep_last", "logging.sample_every", "logging.sample_grid",
             "sampling.steps", "data.dummy_size", "training.max_consecutive_nonfinite", "training.ema_rampup",
+            "training.hsdp_shard_size",
             "sampling.omega", "model.input_size", "model.in_channels", "model.num_classes", "model.depth",
             "model.hidden_size", "model.num_heads", "model.patch_size", "model.head_depth"]
 NON_NEGATIVE = ["data.num_workers", "optim.weight_decay", "optim.adam_weight_decay"]
@@ -260,10 +264,29 @@ def _check_values(cfg):
             model_lib.build_model(cfg.model.name, **model_overrides(cfg))
     except ValueError as err:
         raise ConfigError(f"model/method: {err}") from err
+    _check_sharded(cfg)
     if cfg.training.compile and method_config(cfg).jvp == "simple":
         raise ConfigError("training.compile=true needs method.jvp=fast: method.jvp=simple takes torch.func.jvp, and "
                           "compiled forward-mode AD drops tangents (pytorch #187284, #192985); "
                           "set training.compile=false (or null) or method.jvp=fast")
+
+
+def _check_sharded(cfg):
+    """training.parallel fsdp/hsdp: the combinations that are refused, with the reason."""
+    t = cfg.training
+    if t.parallel == "ddp":
+        return
+    if method_config(cfg).jvp == "simple":
+        raise ConfigError(f"training.parallel={t.parallel} needs method.jvp=fast: method.jvp=simple takes "
+                          "torch.func.jvp on the whole network, whose parameters are shards outside each block's "
+                          "forward; set method.jvp=fast (the single-pass tangent) or training.parallel=ddp")
+    if t.mixed_precision == "fp16":
+        raise ConfigError(f"training.parallel={t.parallel} does not support training.mixed_precision=fp16: the loss "
+                          "scaler's inf check would see each process's gradient shard only, so the processes could "
+                          "disagree on skipping a step; use bf16 or no, or training.parallel=ddp")
+    if t.compile:
+        raise ConfigError(f"training.compile=true is not supported with training.parallel={t.parallel} (untested); "
+                          "set training.compile=false or null")
 
 
 def _lookup(tree, dotted):

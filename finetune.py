@@ -213,6 +213,9 @@ def load_optimizer_moments(opt, source, net, notes):
     this config's hyperparameters (lr, betas, ...) are kept. Needs the file's exact model shape and
     partition: an adapted tensor (labels, positions, a copied v-head) has no matching moments."""
     where = f"training.init_optimizer: {source.path} ({source.kind})"
+    if opt is None:  # train.py builds the sharded optimizer after fully_shard, past this point
+        raise FinetuneError("training.init_optimizer works with training.parallel=ddp only; "
+                            "set training.init_optimizer=false for fsdp or hsdp")
     if source.optimizer is None:
         raise FinetuneError(f"{where} holds no optimizer state; set training.init_optimizer=false")
     if notes:

@@ -10,12 +10,16 @@ AdamW branch (Nesterov, optax.adamw): the same m^ with b1, v^ = v_k / (1 - b2^k)
 
 Distributed: with a process group, every rank updates every momentum buffer (so any rank's
 state_dict resumes exactly) but orthogonalises only its share of the matrices; the results are
-all-gathered, so Newton-Schulz cost divides by the world size.
+all-gathered, so Newton-Schulz cost divides by the world size. Sharded (FSDP2 DTensor) parameters
+keep sharded momentum; each Muon matrix's m^ is gathered whole on its owner rank of the shard group,
+orthogonalised there and its rows scattered back (`_sharded_orthogonalise`): the same update as
+unsharded. AdamW is elementwise and runs on the shards as they are.
 """
 import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 PARTITION_RULES = ("official", "keller")
@@ -161,16 +165,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group, params):
         m_hats = [self._nesterov(self._init_state(p, adam=False), p, group["momentum"]) for p in params]
-        rank, world = self._world()
-        owner = _assign_owners([p.numel() for p in params], world)
-        ortho = [None] * len(params)
-        for i, (p, m_hat) in enumerate(zip(params, m_hats)):
-            if owner[i] == rank:
-                o = newton_schulz(m_hat.reshape(p.shape[0], -1), group["ns_steps"], group["ns_coeffs"],
-                                  group["eps"], self.ns_dtype)
-                ortho[i] = o.reshape(p.shape)
-        if world > 1:
-            _all_gather_updates(params, ortho, owner, rank, world, self.process_group)
+        orthogonalise = lambda m: newton_schulz(m, group["ns_steps"], group["ns_coeffs"], group["eps"],  # noqa: E731
+                                                self.ns_dtype)
+        if params and isinstance(params[0], DTensor):
+            ortho = _sharded_orthogonalise(params, m_hats, orthogonalise)
+        else:
+            rank, world = self._world()
+            owner = _assign_owners([p.numel() for p in params], world)
+            ortho = [orthogonalise(m.reshape(p.shape[0], -1)).reshape(p.shape) if owner[i] == rank else None
+                     for i, (p, m) in enumerate(zip(params, m_hats))]
+            if world > 1:
+                _all_gather_updates(params, ortho, owner, rank, world, self.process_group)
         for p, o in zip(params, ortho):
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -204,3 +209,81 @@ def _all_gather_updates(params, ortho, owner, rank, world, group):
         r = owner[i]
         ortho[i] = gathered[r][offsets[r]:offsets[r] + p.numel()].view_as(p)
         offsets[r] += p.numel()
+
+
+def _shard_group(params):
+    """The process group over which every DTensor in `params` is sharded by rows (FSDP2's Shard(0)
+    on one mesh dimension, any others replicated); ValueError for another layout."""
+    mesh, placements = params[0].device_mesh, params[0].placements
+    dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+    if any(p.device_mesh != mesh or p.placements != placements for p in params) or len(dims) != 1 \
+            or placements[dims[0]].dim != 0 or not all(pl.is_replicate() for pl in placements if not pl.is_shard()):
+        raise ValueError(f"sharded Muon needs every matrix sharded by rows on one mesh dimension (FSDP2 "
+                         f"fully_shard); got placements {placements}")
+    return mesh.get_group(dims[0])
+
+
+def _row_counts(rows, world):
+    """Rows of each rank's shard of a `rows`-row tensor under Shard(0) (torch.chunk, empty at the end)."""
+    size = -(-rows // world)
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
+
+
+def _sharded_orthogonalise(params, m_hats, orthogonalise):
+    """NS5 updates of row-sharded matrices, as DTensors placed like `params`.
+
+    params, m_hats: DTensors of global shape (fan_out, ...), local shards (rows_r, ...).
+    `orthogonalise` maps a whole (fan_out, fan_in) matrix to its update. Matrix i is owned by rank
+    owner[i] of the shard group (`_assign_owners`, so the work divides by the group size); per
+    owner one padded gather brings it every rank's rows of its matrices and one padded scatter
+    returns each rank its rows of the results. Replicas (HSDP) repeat the same work.
+    """
+    pg = _shard_group(params)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    owner = _assign_owners([p.numel() for p in params], world)
+    counts = [_row_counts(p.shape[0], world) for p in params]
+    cols = [p.numel() // p.shape[0] for p in params]
+    local = [None] * len(params)
+    for r in range(world):
+        mine = [i for i in range(len(params)) if owner[i] == r]
+        sizes = [sum(counts[i][k] * cols[i] for i in mine) for k in range(world)]
+        if not max(sizes, default=0):
+            continue
+        buf = m_hats[0].to_local().new_zeros(max(sizes))
+        if sizes[rank]:
+            buf[:sizes[rank]] = torch.cat([m_hats[i].to_local().flatten() for i in mine])
+        pieces = [torch.empty_like(buf) for _ in range(world)] if rank == r else None
+        dist.gather(buf, pieces, group=pg, group_dst=r)
+        if rank == r:
+            pieces = _orthogonalise_owned(mine, pieces, params, counts, cols, orthogonalise)
+        dist.scatter(buf, pieces, group=pg, group_src=r)
+        offset = 0
+        for i in mine:
+            n = counts[i][rank] * cols[i]
+            local[i] = buf[offset:offset + n].view(counts[i][rank], *params[i].shape[1:])
+            offset += n
+    return [DTensor.from_local(o, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            for p, o in zip(params, local)]
+
+
+def _orthogonalise_owned(mine, pieces, params, counts, cols, orthogonalise):
+    """On the owner: rebuild matrices `mine` from every rank's gathered buffer (pieces[k]),
+    orthogonalise each, and pack every rank's rows of the results into a buffer like pieces[k]."""
+    world = len(pieces)
+    rows = [[] for _ in range(world)]
+    offsets = [0] * world
+    for i in mine:
+        parts = []
+        for k in range(world):
+            n = counts[i][k] * cols[i]
+            parts.append(pieces[k][offsets[k]:offsets[k] + n].view(counts[i][k], cols[i]))
+            offsets[k] += n
+        o = orthogonalise(torch.cat(parts))
+        for k, block in enumerate(o.split(counts[i])):
+            rows[k].append(block.flatten())
+    out = [torch.zeros_like(piece) for piece in pieces]
+    for k in range(world):
+        if rows[k]:
+            flat = torch.cat(rows[k])
+            out[k][:flat.numel()] = flat
+    return out

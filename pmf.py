@@ -14,6 +14,7 @@ grad forward (docs/method.md §10.2). Both give the single-pass gradient, and DD
 from dataclasses import dataclass, fields
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from perceptual import sample_crop_boxes
 
@@ -262,7 +263,7 @@ def guidance_velocities(model, z, t, y, drop, omega, t_min, t_max, cfg, tangent_
                                                                          reused))
     k, m = len(cond), len(uncond)
     v_c, v_u = torch.zeros_like(z), torch.zeros_like(z)
-    if k + m:
+    if k + m or isinstance(model, FSDPModule):  # FSDP2 gathers weights in the forward: every process runs it
         rows = torch.cat([cond, uncond])
         v = velocities(model, z[rows], t[rows], t.new_zeros(k + m), torch.cat([w_in[cond], t.new_ones(m)]),
                        t.new_zeros(k + m), t.new_ones(k + m),

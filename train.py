@@ -38,6 +38,7 @@ import dataset as data_lib
 import finetune
 import model as model_lib
 import optimizer as optim_lib
+import parallel
 import perceptual as perceptual_lib
 import pmf
 
@@ -79,8 +80,9 @@ class EMA:
             torch._foreach_lerp_(ema, current, 1 - beta)
 
     def state_dict(self, index):
-        """EMA `index` as {name: tensor}, loadable with model.load_weights."""
-        return {n: p.cpu() for n, p in zip(self.names, self.params[index])}
+        """EMA `index` as {name: tensor}, loadable with model.load_weights (sharded EMAs: a
+        collective, every process calls it)."""
+        return {n: parallel.full(p).cpu() for n, p in zip(self.names, self.params[index])}
 
     def state_dicts(self):
         return [self.state_dict(i) for i in range(len(self.params))]
@@ -351,14 +353,16 @@ class StepParts:
     accelerator: Accelerator = None
 
 
-def step_parts(cfg, net, method_cfg, device, accelerator=None):
+def step_parts(cfg, net, method_cfg, device, accelerator=None, with_optimizer=True):
     """The StepParts of `net` as configured: training.mixed_precision with its loss scaler (fp16),
-    the perceptual terms, Muon + AdamW, the EMAs. train.py, auto_batch.py and the throughput
-    benchmark build their steps with it."""
+    the perceptual terms, Muon + AdamW (with_optimizer=False: opt None, built later, as train.py
+    does after FSDP sharding), the EMAs. train.py, auto_batch.py and the throughput benchmark build
+    their steps with it."""
     t = cfg.training
     return StepParts(net=net, method_cfg=method_cfg, precision=t.mixed_precision,
                      scaler=torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16"),
-                     perceptual=build_perceptual(cfg, method_cfg, device), opt=build_optimizer(cfg, net),
+                     perceptual=build_perceptual(cfg, method_cfg, device),
+                     opt=build_optimizer(cfg, net) if with_optimizer else None,
                      ema=EMA(net, t.ema_half_lives_kimg, t.ema_rampup), accelerator=accelerator)
 
 
@@ -380,6 +384,15 @@ def forward_backward(parts, x, y, draws, accum=1):
     return loss.detach(), metrics
 
 
+def _grad_sync(parts, last):
+    """The context of a micro-batch's backward: the gradient reduction only at the step's last
+    (DDP no_sync, FSDP2 set_requires_gradient_sync)."""
+    if parallel.is_sharded(parts.net):
+        parts.net.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last or parts.accelerator is None else parts.accelerator.no_sync(parts.net)
+
+
 def train_step(parts, micro_batches, accum, step, images_per_step):
     """One optimizer step from `accum` micro-batches [(x, y, draws)]: gradients summed over them
     (DDP all-reduce at the last one only), unscaled, non-finite steps skipped on every process
@@ -387,13 +400,12 @@ def train_step(parts, micro_batches, accum, step, images_per_step):
     net, opt, scaler, acc = parts.net, parts.opt, parts.scaler, parts.accelerator
     loss_sum, metrics = torch.zeros((), device=next(net.parameters()).device), Window()
     for a, (x, y, draws) in enumerate(micro_batches):
-        last = a == accum - 1
-        with contextlib.nullcontext() if last or acc is None else acc.no_sync(net):
+        with _grad_sync(parts, a == accum - 1):
             loss, micro_metrics = forward_backward(parts, x, y, draws, accum)
         loss_sum += loss / accum
         metrics.add(micro_metrics, 1 / accum)
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+    grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf")))
     finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
     finite = _all_ok(acc, finite) if acc is not None else finite
     if finite:
@@ -417,12 +429,14 @@ def _image_shape(cfg):
 
 def _checkpoint_state(step, parts, counters, streak, cfg):
     """The checkpoint dict (checkpoint.py's format) on the main process, None elsewhere; every
-    process must call it (the RNG states are gathered)."""
+    process must call it (the RNG states are gathered). Sharded: on every process, with the
+    model, EMA and optimizer tensors as this process's DTensors (checkpoint.save_sharded)."""
     rngs = gather_object([rng_state()])
-    acc = parts.accelerator
-    if not acc.is_main_process:
+    acc, sharded = parts.accelerator, parallel.is_sharded(parts.net)
+    if not (acc.is_main_process or sharded):
         return None
-    return {"step": step, "model": acc.unwrap_model(parts.net).state_dict(), "emas": parts.ema.state_dicts(),
+    emas = [dict(zip(parts.ema.names, e)) for e in parts.ema.params] if sharded else parts.ema.state_dicts()
+    return {"step": step, "model": acc.unwrap_model(parts.net).state_dict(), "emas": emas,
             "ema_half_lives_kimg": list(cfg.training.ema_half_lives_kimg), "optimizer": parts.opt.state_dict(),
             "scaler": parts.scaler.state_dict(), "rng": rngs, "counters": dict(counters),
             "nonfinite_streak": streak, "config": config_lib.to_dict(cfg)}
@@ -434,7 +448,7 @@ def train(cfg, resume=None, allow_config_change=False):
     # Mixed precision is handled here, not by Accelerate (see README); cpu=True lets torchrun and
     # accelerate launch form a gloo process group on machines without CUDA.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    log, lock, batches = None, None, None
+    log, lock, batches, own_group = None, None, None, False
     try:
         # -- processes and the batch split
         device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -469,23 +483,34 @@ def train(cfg, resume=None, allow_config_change=False):
         # -- model, loss, optimizer, EMAs, and the resumed state
         torch.manual_seed(t.seed)  # identical initial weights on every process
         net = model_lib.build_model(cfg.model.name, **config_lib.model_overrides(cfg))
-        if pmf.compile_wanted(t.compile, method_cfg.jvp, device):
+        sharded = t.parallel != "ddp"
+        own_group = sharded and parallel.ensure_process_group(device)
+        if pmf.compile_wanted(t.compile, method_cfg.jvp, device) and not sharded:
             pmf.compile_model(net)  # in place, before the DDP wrap; state_dict names unchanged
-        parts = step_parts(cfg, net, method_cfg, device, accelerator)
+        parts = step_parts(cfg, net, method_cfg, device, accelerator, with_optimizer=not sharded)
         step, counters = 0, {"skipped_steps": 0, "skipped_images": 0}
         if ckpt is None:  # a fresh run: training.init_from (fine-tuning), if set
             finetune.initial_weights(cfg, net, parts.ema, log=notes.append, opt=parts.opt)
         else:
-            net.load_state_dict(ckpt["model"])
-            parts.opt.load_state_dict(ckpt["optimizer"])
-            parts.ema.load_state_dicts(ckpt["emas"])
+            if checkpoint_lib.is_sharded_state(ckpt) and not sharded:
+                raise checkpoint_lib.CheckpointError(
+                    f"{resume_path} is a sharded checkpoint; resume it with training.parallel=fsdp or hsdp, or make "
+                    f"one file of it for ddp: python checkpoint.py consolidate {resume_path}")
+            if not checkpoint_lib.is_sharded_state(ckpt):
+                net.load_state_dict(ckpt["model"])
+                parts.ema.load_state_dicts(ckpt["emas"])
+            if not sharded:
+                parts.opt.load_state_dict(ckpt["optimizer"])
             if ckpt["scaler"]:  # empty: fp32 runs and converted JAX checkpoints (a fresh loss scale)
                 parts.scaler.load_state_dict(ckpt["scaler"])
             if len(ckpt.get("rng", [])) == world:
                 set_rng_state(ckpt["rng"][rank])
             step, counters = ckpt["step"], ckpt["counters"]
-        parts.net, parts.opt = accelerator.prepare(net, parts.opt)
-        parts.ema.params = [[p.to(device) for p in e] for e in parts.ema.params]
+        if sharded:
+            _shard(parts, cfg, world, device, ckpt, resume_path)
+        else:
+            parts.net, parts.opt = accelerator.prepare(net, parts.opt)
+            parts.ema.params = [[p.to(device) for p in e] for e in parts.ema.params]
 
         # -- data loader from the resumed step, logger
         if accelerator.is_main_process:
@@ -514,6 +539,39 @@ def train(cfg, resume=None, allow_config_change=False):
             lock.release()
         stop.restore()
         accelerator.end_training()
+        if own_group and torch.distributed.is_initialized():  # end_training may have destroyed it
+            torch.distributed.destroy_process_group()
+
+
+def _shard(parts, cfg, world, device, ckpt, path):
+    """fsdp/hsdp: shard the network over the mesh, its EMAs like its parameters, build the optimizer
+    on the shards, and load the resumed optimizer state (a one-file checkpoint: whole tensors,
+    sharded here; a sharded folder: every tensor read by `_load_sharded`)."""
+    mesh = parallel.build_mesh(cfg, world, device)
+    net = parallel.shard_model(parts.net.to(device), mesh, parts.precision)
+    parts.ema.params = [[parallel.shard_like(e, p) for e, p in zip(ema, net.parameters())] for ema in parts.ema.params]
+    parts.opt = build_optimizer(cfg, net)
+    if ckpt is None:
+        return
+    if checkpoint_lib.is_sharded_state(ckpt):
+        _load_sharded(parts, path, ckpt)
+    else:
+        parts.opt.load_state_dict(ckpt["optimizer"])
+        parallel.shard_optimizer_state(parts.opt)
+
+
+def _load_sharded(parts, path, meta):
+    """Read a sharded checkpoint into the sharded network, EMAs and optimizer; the optimizer's
+    per-parameter state is first made (zeros, meta's step counts) for the parameters that have one."""
+    opt = parts.opt
+    params = [(p, group["use_muon"]) for group in opt.param_groups for p in group["params"]]
+    for index, kept in meta["optimizer"]["state"].items():
+        p, muon = params[index]
+        opt.state[p] = {**kept, "mu": torch.zeros_like(p), **({} if muon else {"nu": torch.zeros_like(p)})}
+    model = parts.net.state_dict()
+    emas = [dict(zip(parts.ema.names, e)) for e in parts.ema.params]
+    checkpoint_lib.load_sharded(path, {"model": model, "emas": emas, "optimizer": opt.state_dict()})
+    parts.net.load_state_dict(model)
 
 
 def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters):
@@ -521,6 +579,7 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
     t, out_dir, acc = cfg.training, cfg.logging.out_dir, parts.accelerator
     window, streak, tick, start = Window(), 0, time.perf_counter(), time.perf_counter()
     first_step, last_good, sampler_net = step, None, None
+    sharded = parallel.is_sharded(parts.net)
 
     def micro_batches():
         for a in range(accum):
@@ -560,21 +619,24 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
                       "img_per_s": steps_done * t.global_batch_size / elapsed,
                       "peak_mem_gb": peak_memory_bytes(acc.device) / 2 ** 30, **counters}
             log.write(record)
-        if acc.is_main_process and (step % cfg.logging.sample_every == 0 or step == total):
-            path = os.path.join(out_dir, f"samples-{step:08d}.png")
-            if sampler_net is None:
-                sampler_net = sampling_network(cfg, parts.method_cfg, acc.device)
-            rows = save_samples(path, sampler_net, parts.ema.state_dict(cfg.sampling.ema), cfg, parts.method_cfg,
-                                acc.device)
-            log.message(f"wrote {path} (grid rows are classes {rows})")
+        if step % cfg.logging.sample_every == 0 or step == total:
+            ema_state = parts.ema.state_dict(cfg.sampling.ema) if acc.is_main_process or sharded else None
+            if acc.is_main_process:  # sharded EMAs are gathered on every rank, drawn on the main one
+                path = os.path.join(out_dir, f"samples-{step:08d}.png")
+                if sampler_net is None:
+                    sampler_net = sampling_network(cfg, parts.method_cfg, acc.device)
+                rows = save_samples(path, sampler_net, ema_state, cfg, parts.method_cfg, acc.device)
+                log.message(f"wrote {path} (grid rows are classes {rows})")
 
         # -- checkpoint: periodic ones only after a finite step; the last one and a stop always
         stopping = not _all_ok(acc, not stop.requested)
         if (streak == 0 and step % cfg.logging.ckpt_every == 0) or step == total or stopping:
             state = _checkpoint_state(step, parts, counters, streak, cfg)
-            path = checkpoint_lib.path_for(out_dir, step)
+            path = checkpoint_lib.path_for(out_dir, step, sharded)
             error = None
-            if acc.is_main_process:
+            if sharded:  # every process writes its shards; an error is raised on all
+                checkpoint_lib.save_sharded(path, state, cfg.logging.keep_last)
+            elif acc.is_main_process:
                 try:
                     checkpoint_lib.save(path, state, cfg.logging.keep_last)
                 except checkpoint_lib.CheckpointError as err:  # a full disk: every process stops
@@ -591,11 +653,15 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
     elapsed = time.perf_counter() - start
     log.message(f"done: steps {first_step} -> {step} in {_clock(elapsed)} "
                 f"({(step - first_step) * t.global_batch_size / max(elapsed, 1e-9):.0f} img/s); checkpoints "
-                f"{os.path.join(out_dir, 'ckpt-*.pt')}, samples {os.path.join(out_dir, 'samples-*.png')}, "
+                f"{os.path.join(out_dir, 'ckpt-*.dcp' if sharded else 'ckpt-*.pt')}, "
+                f"samples {os.path.join(out_dir, 'samples-*.png')}, "
                 f"metrics {os.path.join(out_dir, 'metrics.jsonl')} (python plot.py {out_dir})")
-    if last_good:
-        log.message(f"evaluate: python eval.py --ckpt {last_good} "
-                    f"--ref-from-config {os.path.join(out_dir, 'config.yaml')}")
+    run_config = os.path.join(out_dir, "config.yaml")
+    if last_good and sharded:
+        log.message(f"evaluate: python checkpoint.py consolidate {last_good}, then python eval.py --ckpt "
+                    f"{last_good[:-len('.dcp')]}.pt --ref-from-config {run_config}")
+    elif last_good:
+        log.message(f"evaluate: python eval.py --ckpt {last_good} --ref-from-config {run_config}")
     return step
 
 

@@ -1,0 +1,95 @@
+"""Sharded data parallelism for train.py: training.parallel = fsdp | hsdp on PyTorch's FSDP2
+(`torch.distributed.fsdp.fully_shard`) over a DeviceMesh; `ddp` (the default) stays with Accelerate.
+
+fsdp: a 1-D mesh (world,), every parameter, gradient, optimizer state and EMA sharded by rows
+over all processes. hsdp: a 2-D mesh (world / shard, shard) = (replicate, shard): sharded within
+groups of `training.hsdp_shard_size` processes, replicated across the groups (gradients
+reduce-scattered in a group, all-reduced across groups). Each transformer block and the root are
+separate FSDP units, so a block's weights are whole only inside its forward and backward; the
+pMF single-pass tangent runs inside those forwards (torch.func.jvp on a sharded module would see
+shards, so method.jvp=simple is refused, see config.py).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import config as config_lib
+
+
+def is_sharded(net):
+    return isinstance(net, FSDPModule)
+
+
+def ensure_process_group(device):
+    """Initialise a one-process group when none exists (FSDP2 needs one even alone); True if
+    this call made it (the caller then destroys it)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    return True
+
+
+def shard_size(cfg, world):
+    """Processes per shard group: world for fsdp; training.hsdp_shard_size (null: the processes per
+    node, LOCAL_WORLD_SIZE) for hsdp, which must divide the world size."""
+    t = cfg.training
+    if t.parallel == "fsdp":
+        return world
+    size = t.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % size:
+        raise config_lib.ConfigError(f"training.hsdp_shard_size {size} does not divide the {world} processes; set "
+                                     f"it to a divisor of {world} (processes per shard group)")
+    return size
+
+
+def build_mesh(cfg, world, device):
+    """The DeviceMesh of training.parallel: (world,) for fsdp, (world / shard, shard) for hsdp."""
+    size = shard_size(cfg, world)
+    if cfg.training.parallel == "fsdp":
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
+
+
+def mp_policy(precision):
+    """FSDP2 mixed precision for training.mixed_precision: bf16 parameters in the forward and
+    backward with fp32 gradient reduction (autocast stays on for the ops between); fp32 otherwise."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(net, mesh, precision):
+    """fully_shard every transformer block (trunk, u-head, v-head), then the root (embedders,
+    tokens, final layers), in place; returns net (now an FSDPModule)."""
+    policy = mp_policy(precision)
+    for blocks in (net.trunk, net.u_head, net.v_head or ()):
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    return net
+
+
+def shard_like(tensor, param):
+    """A whole tensor (the same on every process) as a DTensor laid out like `param`, no communication."""
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def full(tensor):
+    """The whole tensor of a DTensor (a collective: every process calls it), a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_optimizer_state(opt):
+    """After load_state_dict of a whole (unsharded) optimizer state: every per-parameter tensor
+    sharded like its parameter."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and not isinstance(value, DTensor):
+                    state[key] = shard_like(value, p)
