@@ -99,10 +99,7 @@ def save(path, state, keep_last=None):
     removes its temporary file, leaves every older checkpoint intact and raises CheckpointError."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write(tmp, {"format": FORMAT_VERSION, **state})
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as err:
@@ -194,6 +191,7 @@ def _last_line(err):
 
 
 def _write(path, obj):
+    """torch.save `obj` to `path`, flushed and fsync'd."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()

@@ -21,7 +21,6 @@ same reference. Writes results.md, results.json and grid-<run>-<step>.png to --o
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path.insert(0, ROOT)
 import config as config_lib  # noqa: E402
 import eval as eval_lib  # noqa: E402
 import metrics  # noqa: E402
+from prediction_ablation import run  # noqa: E402 (this folder is on sys.path: the script's own)
 
 RUNS = {"scratch": [], "init": ["training.init_from={source}"],
         "init+opt": ["training.init_from={source}", "training.init_optimizer=true"]}
@@ -83,16 +83,12 @@ def reference(folder, out, inception, name):
     return eval_lib.reference_from_data(cfg, out, inception)
 
 
-def run(cmd, log_path):
-    with open(log_path, "w") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-
-
 def score(ckpt, ref, args, ema, eval_dir, log_path):
-    """FID of args.num_samples one-step samples of `ckpt` against `ref`; (fid, grid path)."""
+    """FID of args.num_samples one-step samples of `ckpt` against `ref`; (fid, grid path).
+    eval_dir is this score's own: eval.py writes its one run folder in it."""
     run([sys.executable, "eval.py", "--ckpt", ckpt, "--ref-stats", ref, "--num-samples", str(args.num_samples),
          "--ema", str(ema), "--inception-weights", "fid-helper", "--out-dir", eval_dir], log_path)
-    folder = max((os.path.join(eval_dir, d) for d in os.listdir(eval_dir)), key=os.path.getmtime)
+    (folder,) = [os.path.join(eval_dir, d) for d in os.listdir(eval_dir) if os.path.isdir(os.path.join(eval_dir, d))]
     with open(os.path.join(folder, "result.json")) as f:
         return json.load(f)["fid"], os.path.join(folder, "grid.png")
 
@@ -109,7 +105,7 @@ def train_and_score(name, args, folders, ref, ema):
     fids = {}
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
         ckpt = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
-        fids[step], grid = score(ckpt, ref, args, ema, os.path.join(run_dir, "eval"),
+        fids[step], grid = score(ckpt, ref, args, ema, os.path.join(run_dir, "eval", str(step)),
                                  os.path.join(args.out, f"{name}-eval-{step}.log"))
         os.replace(grid, os.path.join(args.out, f"grid-{name}-{step}.png"))
         print(f"{name} step {step}: FID {fids[step]:.2f}", flush=True)
@@ -152,9 +148,10 @@ def main(argv=None):
     results = [train_and_score(name, args, folders, ref, ema) for name in args.runs.split(",")]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"source": args.source, "source_fid": source_fid, "floor": floor, "runs": results}, f, indent=2)
+    text = table(results, source_fid, floor, args, folders)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table(results, source_fid, floor, args, folders))
-    print(table(results, source_fid, floor, args, folders))
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":
