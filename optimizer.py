@@ -11,9 +11,11 @@ AdamW branch (Nesterov, optax.adamw): the same m^ with b1, v^ = v_k / (1 - b2^k)
 Distributed: with a process group, every rank updates every momentum buffer (so any rank's
 state_dict resumes exactly) but orthogonalises only its share of the matrices; the results are
 all-gathered, so Newton-Schulz cost divides by the world size. Sharded (FSDP2 DTensor) parameters
-keep sharded momentum; each Muon matrix's m^ is gathered whole on its owner rank of the shard group,
-orthogonalised there and its rows scattered back (`_sharded_orthogonalise`): the same update as
-unsharded. AdamW is elementwise and runs on the shards as they are.
+keep sharded momentum; each Muon matrix has one owner among all processes, its m^ is gathered whole
+on the owner from the owner's shard group, orthogonalised there, its rows scattered back in that
+group and (HSDP) all-gathered across the replica groups (`_sharded_orthogonalise`): the same update
+as unsharded, Newton-Schulz cost divided by the world size. AdamW is elementwise and runs on the
+shards as they are.
 """
 import math
 
@@ -174,8 +176,8 @@ class MuonAdamW(torch.optim.Optimizer):
             owner = _assign_owners([p.numel() for p in params], world)
             ortho = [orthogonalise(m.reshape(p.shape[0], -1)).reshape(p.shape) if owner[i] == rank else None
                      for i, (p, m) in enumerate(zip(params, m_hats))]
-            if world > 1:
-                _all_gather_updates(params, ortho, owner, rank, world, self.process_group)
+            if world > 1 and params:
+                _all_gather_updates([p.shape for p in params], ortho, owner, rank, self.process_group, params[0])
         for p, o in zip(params, ortho):
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -192,35 +194,38 @@ def _assign_owners(sizes, world):
     return owner
 
 
-def _all_gather_updates(params, ortho, owner, rank, world, group):
-    """Fill `ortho` with every rank's orthogonalised updates: one padded all_gather per step."""
-    if not params:
-        return
+def _all_gather_updates(shapes, ortho, owner, rank, group, like):
+    """Fill `ortho` with every rank's updates: ortho[i] (a tensor of shapes[i]) is given where
+    owner[i] == rank and None elsewhere; one padded all_gather over `group`, buffers like `like`."""
+    world = dist.get_world_size(group)
+    numels = [math.prod(s) for s in shapes]
+    sizes = [sum(n for n, o in zip(numels, owner) if o == r) for r in range(world)]
+    buf = like.new_zeros(max(1, *sizes))
     mine = [o.flatten() for o in ortho if o is not None]
-    sizes = [sum(p.numel() for p, o in zip(params, owner) if o == r) for r in range(world)]
-    buf = torch.zeros(max(sizes), dtype=params[0].dtype, device=params[0].device)
     if mine:
         flat = torch.cat(mine)
         buf[:flat.numel()] = flat
     gathered = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(gathered, buf, group=group)
     offsets = [0] * world
-    for i, p in enumerate(params):
+    for i, (shape, n) in enumerate(zip(shapes, numels)):
         r = owner[i]
-        ortho[i] = gathered[r][offsets[r]:offsets[r] + p.numel()].view_as(p)
-        offsets[r] += p.numel()
+        ortho[i] = gathered[r][offsets[r]:offsets[r] + n].view(shape)
+        offsets[r] += n
 
 
-def _shard_group(params):
-    """The process group over which every DTensor in `params` is sharded by rows (FSDP2's Shard(0)
-    on one mesh dimension, any others replicated); ValueError for another layout."""
+def _mesh_groups(params):
+    """(shard group, replica group or None) of the DTensors in `params`: sharded by rows (FSDP2's
+    Shard(0)) on one mesh dimension and replicated on at most one other (HSDP); ValueError for
+    another layout."""
     mesh, placements = params[0].device_mesh, params[0].placements
-    dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
-    if any(p.device_mesh != mesh or p.placements != placements for p in params) or len(dims) != 1 \
-            or placements[dims[0]].dim != 0 or not all(pl.is_replicate() for pl in placements if not pl.is_shard()):
+    shard = [d for d, pl in enumerate(placements) if pl.is_shard()]
+    replicate = [d for d, pl in enumerate(placements) if pl.is_replicate()]
+    if any(p.device_mesh != mesh or p.placements != placements for p in params) or len(shard) != 1 \
+            or placements[shard[0]].dim != 0 or len(replicate) > 1 or len(shard) + len(replicate) != len(placements):
         raise ValueError(f"sharded Muon needs every matrix sharded by rows on one mesh dimension (FSDP2 "
-                         f"fully_shard); got placements {placements}")
-    return mesh.get_group(dims[0])
+                         f"fully_shard), replicated on at most one other; got placements {placements}")
+    return mesh.get_group(shard[0]), mesh.get_group(replicate[0]) if replicate else None
 
 
 def _row_counts(rows, world):
@@ -232,20 +237,23 @@ def _row_counts(rows, world):
 def _sharded_orthogonalise(params, m_hats, orthogonalise):
     """NS5 updates of row-sharded matrices, as DTensors placed like `params`.
 
-    params, m_hats: DTensors of global shape (fan_out, ...), local shards (rows_r, ...).
-    `orthogonalise` maps a whole (fan_out, fan_in) matrix to its update. Matrix i is owned by rank
-    owner[i] of the shard group (`_assign_owners`, so the work divides by the group size); per
-    owner one padded gather brings it every rank's rows of its matrices and one padded scatter
-    returns each rank its rows of the results. Replicas (HSDP) repeat the same work.
+    params, m_hats: DTensors of global shape (fan_out, ...), local shards (rows_r, ...), the same
+    on every replica group. `orthogonalise` maps a whole (fan_out, fan_in) matrix to its update.
+    Matrix i is owned by slot[i] of replicas x shard-group size (`_assign_owners`: the work
+    divides by the world size), i.e. by shard rank slot % size of replica group slot // size.
+    Per owner, one padded gather brings it every rank's rows of its matrices and one padded
+    scatter returns each rank of its shard group its rows of the results; one padded all_gather
+    across replica groups then gives every rank its rows of the other replicas' matrices.
     """
-    pg = _shard_group(params)
+    pg, rg = _mesh_groups(params)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    owner = _assign_owners([p.numel() for p in params], world)
+    replica, replicas = (dist.get_rank(rg), dist.get_world_size(rg)) if rg else (0, 1)
+    slot = _assign_owners([p.numel() for p in params], replicas * world)
     counts = [_row_counts(p.shape[0], world) for p in params]
     cols = [p.numel() // p.shape[0] for p in params]
     local = [None] * len(params)
     for r in range(world):
-        mine = [i for i in range(len(params)) if owner[i] == r]
+        mine = [i for i in range(len(params)) if slot[i] == replica * world + r]
         sizes = [sum(counts[i][k] * cols[i] for i in mine) for k in range(world)]
         if not max(sizes, default=0):
             continue
@@ -262,6 +270,9 @@ def _sharded_orthogonalise(params, m_hats, orthogonalise):
             n = counts[i][rank] * cols[i]
             local[i] = buf[offset:offset + n].view(counts[i][rank], *params[i].shape[1:])
             offset += n
+    if replicas > 1:
+        shapes = [(counts[i][rank], *p.shape[1:]) for i, p in enumerate(params)]
+        _all_gather_updates(shapes, local, [s // world for s in slot], replica, rg, m_hats[0].to_local())
     return [DTensor.from_local(o, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             for p, o in zip(params, local)]
 

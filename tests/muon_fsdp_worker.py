@@ -1,6 +1,8 @@
-"""Run by test_fsdp.py under torchrun (2 processes, gloo): three MuonAdamW steps on FSDP2-sharded
-parameters with fixed full gradients, for a module of odd shapes and for the tiny pMF model
-sharded as train.py does; rank 0 saves the full parameters (and the first one's optimizer state).
+"""Run by test_fsdp.py under torchrun (gloo): three MuonAdamW steps on FSDP2-sharded parameters
+with fixed full gradients, for a module of odd shapes and for the tiny pMF model sharded as
+train.py does, on a 1-D mesh (fsdp) or a replicate x shard mesh (hsdp, argument "RxS"); rank 0
+saves the full parameters, the first one's optimizer state and each rank's Newton-Schulz work
+(elements orthogonalised on the odd shapes).
 
 `make_params` and `gradients` are shared with the test's one-process reference. The shapes shard
 unevenly over two ranks (7 and 3 rows, a 1-row matrix whose second shard is empty, a 3-D tensor);
@@ -57,15 +59,29 @@ def run_steps(params, opt, shapes, no_grad, to_grad=lambda g, p: g):
         opt.step()
 
 
-def main(out_path):
+def counting(ns_work, newton_schulz):
+    """newton_schulz that adds the elements of each matrix it orthogonalises to ns_work[0]."""
+    def count(g, *args):
+        ns_work[0] += g.numel()
+        return newton_schulz(g, *args)
+    return count
+
+
+def main(out_path, mesh_shape=None):
     dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    shape = tuple(int(n) for n in mesh_shape.split("x")) if mesh_shape else (dist.get_world_size(),)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     to_grad = lambda g, p: distribute_tensor(g, mesh, p.placements)  # noqa: E731
     holder = make_params()
     fully_shard(holder, mesh=mesh)
     params = list(holder.parameters())
     opt = make_optimizer(params)
+    ns_work, newton_schulz = [0], optimizer.newton_schulz
+    optimizer.newton_schulz = counting(ns_work, newton_schulz)
     run_steps(params, opt, SHAPES, NO_GRAD, to_grad)
+    optimizer.newton_schulz = newton_schulz
+    work = [None] * dist.get_world_size()
+    dist.all_gather_object(work, ns_work[0])
     full = [p.full_tensor() for p in params]
     state = {i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()}
              for i, s in opt.state_dict()["state"].items()}
@@ -74,9 +90,9 @@ def main(out_path):
     run_steps(tiny, tiny_optimizer(net), [p.shape for p in tiny], None, to_grad)
     tiny_full = [p.full_tensor() for p in tiny]
     if dist.get_rank() == 0:
-        torch.save({"params": full, "state": state, "tiny": tiny_full}, out_path)
+        torch.save({"params": full, "state": state, "tiny": tiny_full, "ns_work": work}, out_path)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

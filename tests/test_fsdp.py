@@ -1,4 +1,5 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) on CPU with gloo: sharded Muon, training, checkpoints."""
+import math
 import os
 import shutil
 import subprocess
@@ -29,11 +30,15 @@ def torchrun(*args, nproc=2):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, timeout=600, capture_output=True)
 
 
-def test_sharded_muon_equals_the_unsharded_optimizer(tmp_path):
-    """Owner-rank Newton-Schulz on gathered rows, scattered back: the parameters and (full) state
-    after 3 steps equal MuonAdamW on whole tensors in one process, to 1e-6 (fp32 NS), for odd
-    shapes and for the tiny pMF model sharded per block."""
-    torchrun(os.path.join(HERE, "muon_fsdp_worker.py"), str(tmp_path / "fsdp.pt"))
+@pytest.mark.parametrize("mesh,nproc", [(None, 2), ("2x1", 2), ("2x2", 4)])
+def test_sharded_muon_equals_the_unsharded_optimizer(tmp_path, mesh, nproc):
+    """Owner-rank Newton-Schulz on gathered rows, scattered back (and, on an hsdp mesh, shared
+    across replica groups): the parameters and (full) state after 3 steps equal MuonAdamW on whole
+    tensors in one process, to 1e-6 (fp32 NS), for odd shapes and for the tiny pMF model sharded
+    per block; each matrix is orthogonalised once per step, by one process of the whole world, in
+    `_assign_owners`' balanced split (replicas do not repeat the work)."""
+    torchrun(os.path.join(HERE, "muon_fsdp_worker.py"), str(tmp_path / "fsdp.pt"), *([mesh] if mesh else []),
+             nproc=nproc)
     sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     params = list(muon_worker.make_params().parameters())
     opt = muon_worker.make_optimizer(params)
@@ -52,6 +57,10 @@ def test_sharded_muon_equals_the_unsharded_optimizer(tmp_path):
     start = list(muon_worker.make_params().parameters())
     assert torch.equal(params[muon_worker.NO_GRAD], start[muon_worker.NO_GRAD])
     assert all((p - s).abs().max() > 1e-3 for i, (p, s) in enumerate(zip(params, start)) if i != muon_worker.NO_GRAD)
+    sizes = [math.prod(s) for i, s in enumerate(muon_worker.SHAPES[:muon_worker.MUON]) if i != muon_worker.NO_GRAD]
+    owners = optimizer._assign_owners(sizes, nproc)
+    expected = [muon_worker.STEPS * sum(n for n, o in zip(sizes, owners) if o == r) for r in range(nproc)]
+    assert sharded["ns_work"] == expected and min(expected) > 0
 
 
 # ---------------------------------------------------------------- train.py under fsdp / hsdp
