@@ -68,6 +68,7 @@ class OptimConfig:
     partition: str = "official"
     adjust_lr: str = "original"
     ns_dtype: str = "float32"
+    decay_fraction: float = 0.0
 
 
 @dataclass
@@ -249,6 +250,8 @@ def _check_values(cfg):
         raise ConfigError(f"optim.adam_betas must be two numbers [b1, b2] in [0, 1), got {betas}")
     if not 0 <= cfg.optim.momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    if not 0 <= cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in [0, 1] (0 = constant lr), got {cfg.optim.decay_fraction}")
     if cfg.training.global_batch_size % cfg.training.micro_batch_size:
         raise ConfigError(f"training.global_batch_size {cfg.training.global_batch_size} is not a multiple of "
                           f"training.micro_batch_size {cfg.training.micro_batch_size}")

@@ -337,6 +337,14 @@ def build_optimizer(cfg, net):
                                ns_dtype=getattr(torch, o.ns_dtype))
 
 
+def lr_at(optim_cfg, step, total):
+    """The lr of optimizer step `step` (0-based) of a `total`-step run: optim.lr, and over the last
+    n = round(decay_fraction x total) steps lr x (total - step) / n, down to lr / n at the last
+    step (a decay-to-zero tail; decay_fraction 0 is the paper's constant lr)."""
+    n = round(optim_cfg.decay_fraction * total)
+    return optim_cfg.lr * min(1.0, (total - step) / n) if n else optim_cfg.lr
+
+
 # ---------------------------------------------------------------- the training step
 
 @dataclasses.dataclass
@@ -593,6 +601,8 @@ def _loop(cfg, parts, batches, sampler, log, stop, step, total, accum, counters)
 
     while step < total:
         # -- one optimizer step
+        for group in parts.opt.param_groups:
+            group["lr"] = lr_at(cfg.optim, step, total)
         result = train_step(parts, micro_batches(), accum, step, t.global_batch_size)
         if result.finite:
             streak = 0

@@ -67,6 +67,21 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert os.path.isfile(tmp_path / "straight" / "samples-00000004.png")
 
 
+def test_lr_decay_tail_steps_with_the_lr_of_lr_at(tmp_path):
+    """optim.decay_fraction 0.5 of 4 steps: lr 1e-3, 1e-3, 1e-3, 5e-4. Reference: the constant-lr
+    path for 3 steps, resumed for the 4th with optim.lr 5e-4: the same parameters and EMAs, bit for bit."""
+    assert run(tmp_path / "decay", "optim.decay_fraction=0.5") == 4
+    lines = [json.loads(line) for line in open(tmp_path / "decay" / "metrics.jsonl")]
+    assert [r["lr"] for r in lines] == [1e-3, 1e-3, 1e-3, 5e-4]
+    run(tmp_path / "constant", "training.max_steps=3")
+    cfg = config.load_config(None, tiny(tmp_path / "constant", "optim.lr=5e-4"))
+    assert train.train(cfg, "auto", allow_config_change=True) == 4
+    assert_same_state(load(tmp_path / "decay", 4), load(tmp_path / "constant", 4))
+    optim = config.OptimConfig(lr=2.0, decay_fraction=0.25)
+    assert [train.lr_at(optim, k, 8) for k in range(8)] == [2.0] * 6 + [2.0, 1.0]
+    assert train.lr_at(config.OptimConfig(lr=2.0), 7, 8) == 2.0
+
+
 def test_keep_last_checkpoints(tmp_path):
     run(tmp_path, "training.max_steps=6", "logging.ckpt_every=1", "logging.keep_last=2")
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005.pt", "ckpt-00000006.pt", "config.yaml", "metrics.jsonl",
