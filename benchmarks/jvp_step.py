@@ -18,6 +18,8 @@ the heap, and the peak RSS measures the heap's fragmentation too).
   tangent     no-grad primal + single-pass tangent of the same network (the fast JVP pass alone)
   func_jvp    no-grad torch.func.jvp of the same network, explicit attention (the simple JVP pass)
   pmf         the pMF loss + backward as train.py runs it (method.jvp=fast), perceptual terms off
+  pmf_query   the same, querying v_c on the kept r = t rows too instead of reusing the training
+              forward's v-head output there (pmf.reused_v_c_rows: none): the step before that saving
   pmf_perc    the same with LPIPS-VGG and ConvNeXt-V2-B on (randomly initialised, same cost)
   split       method.jvp=simple: no-grad torch.func.jvp, then a separate grad forward + backward
   reference   the common way: grad-mode torch.func.jvp on the undistributed model, math attention,
@@ -30,6 +32,7 @@ matmul FLOPs analytically (`flops_per_sample`; perceptual networks not counted) 
 the model's shapes, timed in the same run.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -48,7 +51,8 @@ import perceptual as perceptual_lib  # noqa: E402
 import pmf  # noqa: E402
 import train  # noqa: E402
 
-VARIANTS = ("fm", "fm_uv", "forward", "tangent", "func_jvp", "pmf", "pmf_perc", "split", "reference")
+VARIANTS = ("fm", "fm_uv", "forward", "tangent", "func_jvp", "pmf", "pmf_query", "pmf_perc", "split", "reference")
+LOSS_VARIANTS = ("pmf", "pmf_query", "pmf_perc", "split", "reference")
 
 
 class FuncJvpNet(torch.nn.Module):
@@ -97,10 +101,13 @@ def flops_per_sample(net, method, draws):
     tangent = fwd_u + (trunk + head) * 1.5 * attn
     moving = (draws.t != draws.r).float().mean().item()  # the fast path's tangent covers r < t rows only
     d = draws
-    fast = guidance_rows_per_sample(method, d, pmf.fast_path_rows(d.t, d.r, d.t_min, d.t_max, d.drop)) * fwd_u
+    tangent_rows, reused = pmf.fast_path_rows(d.t, d.r, d.t_min, d.t_max, d.drop)
+    fast = guidance_rows_per_sample(method, d, (tangent_rows, reused)) * fwd_u
+    query = guidance_rows_per_sample(method, d, (tangent_rows, None)) * fwd_u
     simple = guidance_rows_per_sample(method, d, (None, None)) * fwd_u  # the v path costs what the u path does
     return {"fm": 3 * fwd_u, "fm_uv": train_uv, "forward": fwd_u, "tangent": fwd_u + tangent, "func_jvp": fwd_u + tangent,
-            "pmf": fast + moving * tangent + train_uv, "pmf_perc": fast + moving * tangent + train_uv,
+            "pmf": fast + moving * tangent + train_uv, "pmf_query": query + moving * tangent + train_uv,
+            "pmf_perc": fast + moving * tangent + train_uv,
             "split": simple + fwd_u + tangent + train_uv, "reference": simple + tangent + 3 * fwd_uv}
 
 
@@ -146,8 +153,9 @@ def step_fn(variant, net, method, x, y, d, precision):
                             scaler=torch.amp.GradScaler(x.device.type, enabled=False))
 
     def run():
-        if variant in ("pmf", "pmf_perc", "split", "reference"):
-            train.forward_backward(parts, x, y, d)  # the micro-step of train.train_step
+        if variant in LOSS_VARIANTS:
+            with querying_v_c(variant == "pmf_query"):
+                train.forward_backward(parts, x, y, d)  # the micro-step of train.train_step
             net.zero_grad(set_to_none=True)
             return
         with train.autocast(precision, x.device):
@@ -165,6 +173,18 @@ def step_fn(variant, net, method, x, y, d, precision):
                 pmf.du_dt_jvp(net, z, t, d.r, d.omega, d.t_min, d.t_max, y, d.e - x, method)
         net.zero_grad(set_to_none=True)
     return run
+
+
+@contextlib.contextmanager
+def querying_v_c(on):
+    """With `on`, pmf.reused_v_c_rows reuses no row: the guidance queries v_c on every kept row."""
+    real = pmf.reused_v_c_rows
+    if on:
+        pmf.reused_v_c_rows = lambda t, *rest: torch.zeros_like(t, dtype=torch.bool)
+    try:
+        yield
+    finally:
+        pmf.reused_v_c_rows = real
 
 
 def runnable(variants, net):
@@ -275,6 +295,9 @@ def main(argv=None):
         print(f"tangent alone: {(rows['tangent']['seconds'] - fwd) / fwd:.2f}x a no-grad forward "
               f"(primal + tangent {rows['tangent']['seconds'] / fwd:.2f}x); its matmul FLOPs are "
               f"{(rows['tangent']['flops'] - fwd_flops) / fwd_flops:.3f}x the forward's")
+    if {"pmf", "pmf_query"} <= set(rows):
+        print(f"v_c reuse on r = t rows: pmf step {rows['pmf_query']['seconds'] / rows['pmf']['seconds']:.3f}x faster "
+              f"than querying it ({rows['pmf_query']['seconds']:.3f} s -> {rows['pmf']['seconds']:.3f} s)")
     for other in ("split", "reference"):
         if {"pmf", other} <= set(rows):
             print(f"pmf step {rows[other]['seconds'] / rows['pmf']['seconds']:.2f}x faster than {other}")

@@ -55,6 +55,25 @@ def test_guidance_rows_counted_are_the_rows_the_network_gets(mode, jvp):
     assert (fast_saves > 0) == (jvp == "fast")  # the fast path's v_c reuse shows in the count
 
 
+def test_pmf_query_variant_queries_v_c_on_the_reused_rows():
+    """jvp_step's pmf_query (the step before the v_c reuse) sends the v-head exactly the kept r = t
+    rows more than pmf does, and puts pmf.reused_v_c_rows back."""
+    cfg = pmf.PMFConfig.for_preset("pMF-B/16", num_classes=TINY["num_classes"])
+    net = tiny_model(dtype=torch.float32)
+    x, y = batch(16, dtype=torch.float32)
+    d = pmf.step_draws(cfg, range(16), 16, x.shape[1:], 0, 0, "cpu")
+    reused = pmf.reused_v_c_rows(d.t, d.r, d.t_min, d.t_max, d.drop).sum().item()
+    seen, real = [], pmf.reused_v_c_rows
+    net.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0]) if kw.get("heads") == "v" else None,
+                                  with_kwargs=True)
+    rows = {}
+    for variant in ("pmf", "pmf_query"):
+        seen.clear()
+        jvp_step.step_fn(variant, net, cfg, x, y, d, "no")()
+        rows[variant] = sum(seen)
+    assert reused > 0 and rows["pmf_query"] - rows["pmf"] == reused and pmf.reused_v_c_rows is real
+
+
 def test_throughput_times_train_step_and_counts_its_flops(monkeypatch):
     calls = []
     real = train.train_step
