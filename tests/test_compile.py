@@ -6,8 +6,6 @@ CPU inductor compiles take tens of seconds; the graph count uses the cheaper aot
 (the same Dynamo capture and AOTAutograd split as inductor, eager kernels)."""
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import config
 import eval as ev
 import pmf
 from conftest import batch, flat_grads, tiny_cfg, tiny_model
+from launch import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,9 +121,7 @@ def test_compiled_step_under_autocast_equals_eager(precision, rel_err):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_two_process_ddp_around_the_compiled_network_equals_eager(backend, tmp_path, rel_err):
     out = tmp_path / "grads.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(HERE, "compile_ddp_worker.py"), str(out), backend], check=True, env=env, timeout=900)
+    torchrun(os.path.join(HERE, "compile_ddp_worker.py"), out, backend, timeout=900)
     ddp = torch.load(out, weights_only=True)
     net, cfg = tiny_model(dtype=torch.float32, recompute_v_head=True), tiny_cfg()
     x, y = batch(8, dtype=torch.float32)

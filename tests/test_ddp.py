@@ -1,13 +1,12 @@
 """The pMF loss under DistributedDataParallel: gradients flow through the wrapper and are averaged."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pmf
 from conftest import batch, tiny_cfg, tiny_model
+from launch import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -17,9 +16,7 @@ def test_two_process_gradients_equal_the_average_of_per_rank_losses(jvp, recompu
     """Both du/dt paths through DDP (the default with the v-head recomputed in backward) against
     the simple path in one process (the reference)."""
     out = tmp_path / "grads.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(HERE, "ddp_loss_worker.py"), str(out), jvp, recompute], check=True, env=env, timeout=300)
+    torchrun(os.path.join(HERE, "ddp_loss_worker.py"), out, jvp, recompute, timeout=300)
     ddp_grads = torch.load(out, weights_only=True)
 
     net, cfg = tiny_model(), tiny_cfg(jvp="simple")

@@ -14,6 +14,7 @@ from PIL import Image
 import eval as ev
 import metrics
 import train
+from launch import torchrun
 from test_metrics import _inception_script, needs_inception
 from test_model import _official_state_dict
 from test_train import tiny
@@ -43,10 +44,7 @@ def test_sampling_is_identical_across_processes_and_resumes(tmp_path, ckpts):
     ckpt = ckpts[2]
     common = ["--ckpt", ckpt, "--num-samples", "12", "--no-metrics", "--omega", "2", "--t-min", "0", "--t-max", "1"]
     ev.main(common + ["--batch-size", "5", "--out-dir", str(tmp_path / "one"), "--npz"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
-                    *common, "--batch-size", "3", "--out-dir", str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
-                   timeout=600, capture_output=True)
+    torchrun("eval.py", *common, "--batch-size", "3", "--out-dir", tmp_path / "two", fresh=[tmp_path / "two"])
     [one_dir] = [os.path.join(tmp_path / "one", d) for d in os.listdir(tmp_path / "one")]
     [two_dir] = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
     one, two = _pngs(one_dir), _pngs(two_dir)

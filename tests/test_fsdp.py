@@ -16,6 +16,7 @@ import optimizer
 import parallel
 import pmf
 import train
+from launch import torchrun
 from test_train import assert_same_state, load, run, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,11 +24,6 @@ ROOT = os.path.dirname(HERE)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memory  # noqa: E402
-
-
-def torchrun(*args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, timeout=600, capture_output=True)
 
 
 @pytest.mark.parametrize("mesh,nproc", [(None, 2), ("2x1", 2), ("2x2", 4)])
@@ -73,7 +69,7 @@ def launch(out_dir, *extra, nproc=2, resume=None):
     two processes), checkpoints at steps 2, 4 and 5."""
     args = ["train.py", "--config", "config.yaml",
             *tiny(out_dir, f"training.max_steps={STEPS}", "training.micro_batch_size=2", *extra)]
-    return torchrun(*args, *(["--resume", resume] if resume else []), nproc=nproc)
+    return torchrun(*args, *(["--resume", resume] if resume else []), nproc=nproc, fresh=[] if resume else [out_dir])
 
 
 def consolidated(out_dir, step):

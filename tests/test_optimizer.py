@@ -11,6 +11,7 @@ import torch
 import model as model_lib
 import optimizer
 from conftest import TINY
+from launch import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -268,8 +269,7 @@ def test_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     worker = os.path.join(HERE, "muon_dist_worker.py")
     subprocess.run([sys.executable, worker, str(tmp_path / "single")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    worker, str(tmp_path / "dist")], check=True, env=env, timeout=300)
+    torchrun(worker, tmp_path / "dist", env=env, timeout=300)
     single = torch.load(tmp_path / "single_rank0.pt", weights_only=True)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"dist_rank{rank}.pt", weights_only=True)

@@ -16,6 +16,7 @@ import checkpoint
 import config
 import pmf
 import train
+from launch import torchrun
 from test_dataset import write_parquet_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,10 +92,8 @@ def test_keep_last_checkpoints(tmp_path):
 def test_accumulation_and_two_processes_match_one_process(tmp_path):
     run(tmp_path / "one", "training.max_steps=3")
     run(tmp_path / "accum", "training.max_steps=3", "training.micro_batch_size=4")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--config", "config.yaml", *tiny(tmp_path / "ddp", "training.max_steps=3", "training.micro_batch_size=4")]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600, capture_output=True)
+    torchrun("train.py", "--config", "config.yaml", *tiny(tmp_path / "ddp", "training.max_steps=3",
+                                                           "training.micro_batch_size=4"), fresh=[tmp_path / "ddp"])
     one = load(tmp_path / "one", 3)
     assert_same_state(one, load(tmp_path / "accum", 3), exact=False)
     assert_same_state(one, load(tmp_path / "ddp", 3), exact=False)
