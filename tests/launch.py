@@ -1,7 +1,7 @@
 """torchrun for tests: N local processes (gloo on CPU) of a script, one thread each.
 
-A failed launch raises with the command and the tail of its output (the processes' tracebacks),
-so that a CI failure says why. A launch whose output shows a socket failure of the local
+A failed or timed-out launch raises with the command and the tail of its output (the processes'
+tracebacks), so that a CI failure says why. A launch whose output shows a socket failure of the local
 rendezvous or of gloo (an infrastructure flake, not a result) is run once more, after the folders
 in `fresh` are removed; a second failure raises.
 """
@@ -24,7 +24,11 @@ def torchrun(*args, nproc=2, env=None, timeout=600, fresh=()):
            *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for attempt in (1, 2):
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired as err:
+            output = _tail(err.stdout, err.stderr)
+            raise AssertionError(f"torchrun ran past {timeout} s: {' '.join(cmd)}\n{output}") from None
         if proc.returncode == 0:
             return proc
         output = proc.stdout + proc.stderr
@@ -34,5 +38,10 @@ def torchrun(*args, nproc=2, env=None, timeout=600, fresh=()):
             for folder in fresh:
                 shutil.rmtree(folder, ignore_errors=True)
             continue
-        tail = "\n".join(output.splitlines()[-TAIL_LINES:])
-        raise AssertionError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
+        raise AssertionError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n{_tail(output)}")
+
+
+def _tail(*outputs):
+    """The last TAIL_LINES lines of the joined outputs (str, bytes or None)."""
+    text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o or "" for o in outputs)
+    return "\n".join(text.splitlines()[-TAIL_LINES:])

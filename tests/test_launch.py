@@ -1,4 +1,5 @@
-"""The tests' torchrun helper: a failure shows the processes' output; a socket flake runs once more."""
+"""The tests' torchrun helper: a failure or a timeout shows the processes' output; a socket flake
+runs once more."""
 import os
 
 import pytest
@@ -34,3 +35,11 @@ def test_a_real_failure_raises_with_the_processes_output(script, tmp_path):
         torchrun(script, tmp_path / "marker", "bug")
     assert "torchrun exited with 1" in str(failure.value)
     assert os.path.exists(tmp_path / "marker.rank0")
+
+
+def test_a_launch_past_its_timeout_raises_with_the_output_so_far(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nprint('rank started', flush=True)\ntime.sleep(60)\n")
+    with pytest.raises(AssertionError, match="ran past 20 s") as failure:
+        torchrun(script, timeout=20)
+    assert "rank started" in str(failure.value)
