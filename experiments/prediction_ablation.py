@@ -6,10 +6,10 @@
 pMF's network predicts the clean image x and converts it to velocities; the paper's Table 2 shows
 that predicting the velocity u directly collapses when a patch holds many values (ImageNet 256,
 16 x 16 x 3 = 768 per patch) and does not at low patch dimension. Here the same network (the
-quickstart's: 16 patch tokens, width and patch-embedding bottleneck 128) and the same budget
-(quickstart.yaml with --steps optimizer steps) are trained four times:
+quickstart's: 16 patch tokens, width 112 behind a 128-channel patch-embedding bottleneck) and the
+same budget (quickstart.yaml with --steps optimizer steps) are trained four times:
 
-  28px-x, 28px-u   MNIST 28 x 28 x 1, patch 7: 49 values per patch (below the bottleneck)
+  28px-x, 28px-u   MNIST 28 x 28 x 1, patch 7: 49 values per patch (below the width)
   56px-x, 56px-u   MNIST upsampled to 56 x 56 x 3 (bicubic, the ADM crop of data.source=imagefolder;
                    the three channels are equal), patch 14: 588 values per patch (above it)
 
