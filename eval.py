@@ -29,6 +29,7 @@ import checkpoint as checkpoint_lib
 import config as config_lib
 import metrics
 import model as model_lib
+import parallel
 import pmf
 from metrics import EvalError
 
@@ -538,4 +539,4 @@ def _report(runs):
 
 
 if __name__ == "__main__":
-    main()
+    parallel.run_main(main)

@@ -8,8 +8,14 @@ reduce-scattered in a group, all-reduced across groups). Each transformer block 
 separate FSDP units, so a block's weights are whole only inside its forward and backward; the
 pMF single-pass tangent runs inside those forwards (torch.func.jvp on a sharded module would see
 shards, so method.jvp=simple is refused, see config.py).
+
+`run_main` ends every script that can run under torchrun (train.py, eval.py, the test workers):
+see its docstring for the gloo teardown crash it avoids.
 """
+import atexit
 import os
+import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -32,6 +38,56 @@ def ensure_process_group(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
     return True
+
+
+def gloo_workers_alive():
+    """True while a gloo process group's worker threads (named pt_gloo_runloop) run in this
+    process; read from /proc/self/task, so False where there is no /proc (not Linux)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we listed
+            pass
+    return "pt_gloo_runloop" in names
+
+
+def run_main(main):
+    """Run a script's `main()` and exit with its status; where gloo worker threads are still alive,
+    end the process with os._exit after what a normal exit does first (non-daemon threads joined,
+    atexit callbacks run, stdout and stderr flushed), skipping only the interpreter's teardown.
+
+    Why: destroy_process_group does not stop gloo's worker threads while anything still holds the
+    group (DTensor's sharding caches do after an FSDP run; torch._dynamo does when first imported
+    after init_process_group). A worker that frees a finished collective's tensor just as the
+    interpreter tears down needs the GIL, is killed inside a noexcept destructor and aborts the
+    process (`terminate called without an active exception`, SIGABRT): a finished run then exits
+    non-zero (torchrun reports exit 1). PyTorch's atexit proposal for it was closed unmerged
+    (pytorch/pytorch PR 179291). Only gloo's threads are looked for: NCCL runs exit as before."""
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    if not gloo_workers_alive():
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): what the interpreter would print
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard_size(cfg, world):

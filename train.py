@@ -700,4 +700,4 @@ def main(argv=None):
         sys.exit(f"error: {err.strerror}: {err.filename!r}" if err.filename else f"error: {one_line(err)}")
 
 if __name__ == "__main__":
-    main()
+    parallel.run_main(main)

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import batch, tiny_cfg, tiny_model  # noqa: E402
 
+import parallel  # noqa: E402
 import pmf  # noqa: E402
 
 
@@ -36,4 +37,4 @@ def main(out_path, backend):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parallel.run_main(lambda: main(*sys.argv[1:3]))

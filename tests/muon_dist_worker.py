@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import optimizer
+import parallel
 
 SHAPES = [(32, 16), (16, 48), (24, 24), (8, 40), (40, 8), (12, 12), (20,)]
 
@@ -34,4 +35,4 @@ def main(prefix):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parallel.run_main(lambda: main(sys.argv[1]))

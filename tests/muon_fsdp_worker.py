@@ -95,4 +95,4 @@ def main(out_path, mesh_shape=None):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parallel.run_main(lambda: main(*sys.argv[1:]))
