@@ -43,7 +43,6 @@ def ensure_process_group(device):
 def gloo_workers_alive():
     """True while a gloo process group's worker threads (named pt_gloo_runloop) run in this
     process; read from /proc/self/task, so False where there is no /proc (not Linux)."""
-    names = []
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -51,10 +50,11 @@ def gloo_workers_alive():
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/comm") as f:
-                names.append(f.read().strip())
+                if f.read().strip() == "pt_gloo_runloop":
+                    return True
         except OSError:  # the thread ended while we listed
             pass
-    return "pt_gloo_runloop" in names
+    return False
 
 
 def run_main(main):
