@@ -40,6 +40,7 @@ class ModelConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     head_depth: Optional[int] = None
+    prefix_tokens: Optional[list] = None  # null: the paper's [8, 4, 2, 2, 4]
     recompute_v_head: bool = True
 
 

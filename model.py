@@ -37,7 +37,7 @@ PRESETS = {
     "pMF-H/32": dict(input_size=512, patch_size=32, depth=48, hidden_size=1280, num_heads=16),
 }
 
-# In-context token counts, in sequence order (docs/method.md §4.2).
+# In-context token counts, in sequence order (docs/method.md §4.2); `prefix_tokens` overrides the counts.
 PREFIX_TOKENS = {"class": 8, "omega": 4, "t_min": 2, "t_max": 2, "time": 4}
 BLOCK_INIT = 0.32  # block linears: std = 0.32 / sqrt(fan_in) (docs/method.md §4.6)
 ATTENTION_IMPLS = ("sdpa", "explicit")
@@ -333,10 +333,12 @@ class PMFDiT(nn.Module):
     """
 
     def __init__(self, input_size=256, in_channels=3, num_classes=1000, depth=16, hidden_size=768,
-                 num_heads=12, patch_size=16, head_depth=8, with_v_head=True, recompute_v_head=False):
+                 num_heads=12, patch_size=16, head_depth=8, with_v_head=True, recompute_v_head=False,
+                 prefix_tokens=None):
         super().__init__()
         _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, num_heads,
                           patch_size, head_depth)
+        self.prefix_tokens = prefix_token_counts(prefix_tokens)
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.patch_size, self.num_heads = patch_size, num_heads
         self.grid = input_size // patch_size
@@ -350,9 +352,9 @@ class PMFDiT(nn.Module):
         self.t_max_embedder = ScalarEmbedder(d)
         self.label_embed = nn.Embedding(num_classes + 1, d)  # row num_classes = null label
         nn.init.normal_(self.label_embed.weight, std=1 / math.sqrt(d))
-        for group, count in PREFIX_TOKENS.items():
+        for group, count in self.prefix_tokens.items():
             self.register_parameter(f"{group}_tokens", nn.Parameter(torch.randn(1, count, d) / math.sqrt(d)))
-        self.num_prefix = sum(PREFIX_TOKENS.values())
+        self.num_prefix = sum(self.prefix_tokens.values())
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.num_prefix + self.grid ** 2, d))
 
         self.trunk = nn.ModuleList(Block(d, num_heads) for _ in range(depth - head_depth))
@@ -388,14 +390,14 @@ class PMFDiT(nn.Module):
             "t_max": self.t_max_embedder(t_max)[0],
             "time": time,
         }
-        prefix = [getattr(self, f"{g}_tokens").expand(b, -1, -1) + conds[g][:, None] for g in PREFIX_TOKENS]
+        prefix = [getattr(self, f"{g}_tokens").expand(b, -1, -1) + conds[g][:, None] for g in self.prefix_tokens]
         patches, d_patches = self.patch_embed(z, dz)
         x = torch.cat(prefix + [patches], dim=1) + self.pos_embed
         if dz is None:
             return x, None
         with torch.no_grad():
             d_prefix = torch.zeros(dz.shape[0], self.num_prefix, x.shape[-1], dtype=x.dtype, device=x.device)
-            d_prefix[:, -PREFIX_TOKENS["time"]:] = d_time[:, None]
+            d_prefix[:, -self.prefix_tokens["time"]:] = d_time[:, None]
             return x, torch.cat([d_prefix, d_patches.to(x.dtype)], dim=1)
 
     def _unpatchify(self, tokens):
@@ -457,8 +459,20 @@ def _check_shape_args(input_size, in_channels, num_classes, depth, hidden_size, 
         raise ValueError("in_channels and num_classes must be positive")
 
 
+def prefix_token_counts(counts=None):
+    """{group: tokens} in sequence order: PREFIX_TOKENS (the paper's 8/4/2/2/4), or `counts`, one
+    positive integer per group in that order (class, omega, t_min, t_max, time)."""
+    if counts is None:
+        return dict(PREFIX_TOKENS)
+    counts = list(counts)
+    if len(counts) != len(PREFIX_TOKENS) or not all(float(c).is_integer() and c >= 1 for c in counts):
+        raise ValueError(f"prefix_tokens must be {len(PREFIX_TOKENS)} positive integers, one per group "
+                         f"{list(PREFIX_TOKENS)}, got {counts}")
+    return dict(zip(PREFIX_TOKENS, map(int, counts)))
+
+
 BUILD_OVERRIDES = ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
-                   "patch_size", "head_depth", "with_v_head", "recompute_v_head")
+                   "patch_size", "head_depth", "with_v_head", "recompute_v_head", "prefix_tokens")
 
 
 def build_model(name, **overrides):
@@ -466,7 +480,8 @@ def build_model(name, **overrides):
 
     Overrides: input_size, in_channels, num_classes, depth, hidden_size, num_heads, patch_size,
     head_depth, with_v_head (False for inference builds), recompute_v_head (training memory: the
-    v-head's activations are recomputed in backward instead of stored; same numbers).
+    v-head's activations are recomputed in backward instead of stored; same numbers),
+    prefix_tokens (in-context tokens per condition group, `prefix_token_counts`).
     """
     if name is not None and name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or None for a custom shape")

@@ -60,6 +60,8 @@ CONFIG_CASES = {  # name: (argv, words of the message); "yaml:..." is a config f
     "adam_betas >= 1": (["optim.adam_betas=[0.9, 1.5]"], "optim.adam_betas must be two numbers [b1, b2] in [0, 1)"),
     "momentum >= 1": (["optim.momentum=1.5"], "optim.momentum must be in [0, 1)"),
     "decay_fraction > 1": (["optim.decay_fraction=1.5"], "optim.decay_fraction must be in [0, 1]"),
+    "prefix_tokens count": (["model.prefix_tokens=[1,1,1]"], "prefix_tokens must be 5 positive integers"),
+    "prefix_tokens fraction": (["model.prefix_tokens=[1,1,1,1,0.5]"], "prefix_tokens must be 5 positive integers"),
     "negative weight decay": (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
     "zero ema_rampup": (["training.ema_rampup=0"], "training.ema_rampup must be positive"),
     "negative num_workers": (["data.num_workers=-1"], "data.num_workers must be >= 0"),

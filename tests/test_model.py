@@ -75,6 +75,18 @@ def test_rope_rotates_patches_only_and_matches_reference():
     torch.testing.assert_close(y, _rope_reference(x, grid, hd), rtol=1e-12, atol=1e-12)
 
 
+def test_prefix_tokens_sets_the_in_context_token_counts():
+    assert tiny_model().num_prefix == sum(model_lib.PREFIX_TOKENS.values()) == 20  # the paper's 8/4/2/2/4
+    net = tiny_model(prefix_tokens=[1, 2, 1, 1, 3])
+    assert [getattr(net, f"{g}_tokens").shape[1] for g in model_lib.PREFIX_TOKENS] == [1, 2, 1, 1, 3]
+    z, y = batch(2)
+    cond = [torch.full((2,), v, dtype=torch.float64) for v in (0.3, 2.0, 0.1, 0.9)]
+    seq = net._sequence(z, *cond, y)[0]
+    assert seq.shape == (2, 8 + 16, 32) and net.pos_embed.shape[1] == 8 + 16
+    moved = (net._sequence(z, cond[0] + 0.2, *cond[1:], y)[0] - seq).abs().amax(dim=(0, 2)) > 0
+    assert moved.tolist() == [False] * 5 + [True] * 3 + [False] * 16  # h moves the 3 time tokens only
+
+
 def test_explicit_attention_equals_sdpa():
     net = tiny_model()
     z = torch.randn(3, 3, 16, 16, dtype=torch.float64)

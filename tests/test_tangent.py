@@ -81,8 +81,9 @@ def _conditioning(n, seed=3):
     return h, omega, t_min, t_max
 
 
-def test_whole_model_tangent_equals_torch_func_jvp(rel_err):
-    net = tiny_model()
+@pytest.mark.parametrize("prefix_tokens", [None, [1, 2, 1, 1, 3]])
+def test_whole_model_tangent_equals_torch_func_jvp(prefix_tokens, rel_err):
+    net = tiny_model(prefix_tokens=prefix_tokens)
     x, y = batch(6)
     h, omega, t_min, t_max = _conditioning(6)
     dz, dh = _tokens(4, *x.shape), torch.rand(6, dtype=torch.float64)
