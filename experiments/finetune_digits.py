@@ -29,10 +29,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import config as config_lib  # noqa: E402
 import eval as eval_lib  # noqa: E402
 import metrics  # noqa: E402
-from prediction_ablation import run  # noqa: E402 (this folder is on sys.path: the script's own)
+from prediction_ablation import grid_ema, run  # noqa: E402 (this folder is on sys.path: the script's own)
 
 RUNS = {"scratch": [], "init": ["training.init_from={source}"],
         "init+opt": ["training.init_from={source}", "training.init_optimizer=true"]}
@@ -139,7 +138,7 @@ def main(argv=None):
         sys.exit(f"--source {args.source} not found; train the quickstart first: python train.py --config quickstart.yaml")
     os.makedirs(args.out, exist_ok=True)
     args.out = os.path.abspath(args.out)
-    ema = config_lib.load_config(os.path.join(ROOT, "quickstart.yaml")).sampling.ema
+    ema = grid_ema(args.overrides)
     folders = write_digit_folders(args.out)
     inception = metrics.Inception("fid-helper", cache_dir=args.out)
     ref = reference(folders["held"], args.out, inception, "digits-held")

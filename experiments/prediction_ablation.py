@@ -58,6 +58,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def grid_ema(overrides):
+    """The EMA index of the sample grid (sampling.ema) of quickstart.yaml with `overrides` applied:
+    the EMA every score uses."""
+    return config_lib.load_config(os.path.join(ROOT, "quickstart.yaml"), overrides).sampling.ema
+
+
 def write_png_folder(split, root, limit=None):
     """MNIST `split` as <root>/<digit>/<row>.png (28 x 28 grey), the data.source=imagefolder layout."""
     if os.path.isdir(root):
@@ -193,7 +199,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     args.out = os.path.abspath(args.out)
     weights = args.inception_weights or metrics.fid_helper_weights()
-    args.ema = config_lib.load_config(os.path.join(ROOT, "quickstart.yaml")).sampling.ema  # the quickstart's grid EMA
+    args.ema = grid_ema(args.overrides)
     inception = metrics.Inception(weights, cache_dir=args.out)
     folders = {}
     if any(SETTINGS[s][0] != 28 for s in args.settings.split(",")):

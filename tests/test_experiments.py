@@ -55,3 +55,9 @@ def test_no_overrides_leaves_the_commands_as_they_were(monkeypatch, tmp_path):
     cmd = _first_command(monkeypatch, prediction_ablation,
                          lambda: prediction_ablation.train_and_score("28px-x", args, {}, None, None))
     assert cmd[-1] == "logging.tensorboard=false"
+
+
+def test_scores_use_the_grid_ema_of_the_overridden_recipe():
+    assert prediction_ablation.grid_ema([]) == prediction_ablation.config_lib.load_config(
+        os.path.join(ROOT, "quickstart.yaml")).sampling.ema
+    assert prediction_ablation.grid_ema(["training.ema_half_lives_kimg=[2,5,10,20]", "sampling.ema=3"]) == 3
