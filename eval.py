@@ -256,7 +256,8 @@ def reference_from_data(data_config, out_dir, inception, limit=None, batch_size=
     stem = os.path.splitext(os.path.basename(data_config))[0]
     out_path = os.path.join(out_dir, f"ref_stats-{stem}-{split}-{n}.npz")
     os.makedirs(out_dir, exist_ok=True)
-    np.savez(out_path, mu=mu, sigma=sigma, num_images=n, split=split, config=os.path.abspath(data_config))
+    metrics.write_atomic(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=n, split=split,
+                                                     config=os.path.abspath(data_config)))
     return out_path
 
 

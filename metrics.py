@@ -213,11 +213,23 @@ def _check_state_dict(path):
         raise EvalError(f"Inception weights {path} hold a {type(state).__name__}, not a state dict")
 
 
-def _save_atomic(state, path):
+def write_atomic(path, write):
+    """Create `path` through write(binary file) in a temporary file of this process's own, then rename:
+    a reader never sees a partial file, and concurrent writers (two evals converting the same
+    Inception weights) each complete; a failed write leaves no temporary file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_atomic(state, path):
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_reference(path):

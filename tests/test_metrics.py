@@ -120,3 +120,32 @@ def test_reference_statistics_must_be_an_npz_of_inception_size(tmp_path):
         metrics.load_reference(str(tmp_path / "keys.npz"))
     with pytest.raises(metrics.EvalError, match="not found"):
         metrics.load_reference(str(tmp_path / "none.npz"))
+
+
+def test_atomic_writes_of_two_processes_both_complete(tmp_path, monkeypatch):
+    """Two evals converting the same Inception weights at once: the second writer (here nested in the
+    first's write, with another pid) renames its file before the first does; both complete, and the
+    file is whole (a shared temporary name made the first writer's rename fail)."""
+    pids = iter([101, 202])
+    monkeypatch.setattr(metrics.os, "getpid", lambda: next(pids))
+    path = str(tmp_path / "cache" / "weights.pth")
+
+    def first(f):
+        metrics.write_atomic(path, lambda g: g.write(b"second"))
+        f.write(b"first")
+
+    metrics.write_atomic(path, first)
+    assert open(path, "rb").read() == b"first" and os.listdir(tmp_path / "cache") == ["weights.pth"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "ref.npz"
+    path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        metrics.write_atomic(str(path), fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ref.npz"]
