@@ -4,6 +4,10 @@ loader's own rate, side by side in one run, as one markdown table.
     python benchmarks/throughput.py --batch 32                                # pMF-B/16 (config.yaml)
     python benchmarks/throughput.py --tiny --batch 8 --compile off,on         # a tiny shape, seconds on CPU
     python benchmarks/throughput.py --batch 32 --precision bf16,fp16 --parquet data --workers 8 model.name=pMF-L/16
+    python benchmarks/throughput.py --config quickstart.yaml --batch 64,128 --rows "model.head_depth=2;"   # shapes
+
+Step rows: each --rows entry (overrides of its own, ";"-separated; an empty entry adds none) x each
+--batch x each --precision x each --compile, in that order.
 
 Each step row runs `train.train_step` (the function train.py and auto_batch.py call: pMF loss
 under autocast, backward, loss scaling, Muon + AdamW, EMA update) in a fresh child process: the
@@ -42,11 +46,12 @@ TINY = ["model.input_size=16", "model.in_channels=3", "model.num_classes=10", "m
         "perceptual.lpips=false", "perceptual.convnext=false"]
 
 
-def _overrides(args, precision=None, compiled=None):
-    """The config overrides of a row: --tiny's shape, the command line's, then the row's own."""
+def _overrides(args, precision=None, compiled=None, row=()):
+    """The config overrides of a row: --tiny's shape, the command line's, then the row's own (its
+    --rows entry, precision and compile)."""
     extra = [f"training.mixed_precision={PRECISIONS[precision]}"] if precision else []
     extra += [f"training.compile={'true' if compiled == 'on' else 'false'}"] if compiled else []
-    return (TINY if args.tiny else []) + list(args.overrides) + extra
+    return (TINY if args.tiny else []) + list(args.overrides) + list(row) + extra
 
 
 def _synchronize(device):
@@ -159,12 +164,13 @@ def loader_row(args, cfg, device):
 
 # ---------------------------------------------------------------- the run (parent process)
 
-def run_row(args, precision, compiled):
-    """One step row in a fresh child process: its time_steps dict, or {"error": one line}."""
+def run_row(args, precision, compiled, batch=None, row=()):
+    """One step row in a fresh child process: its time_steps dict, or {"error": one line}.
+    batch: the micro-batch (default args.batch); row: its extra overrides (a --rows entry)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", precision, compiled, "--config", args.config,
-           "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--batch", str(batch or args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--device", args.device, "--backend", args.backend, *(["--tiny"] if args.tiny else []),
-           *(["--random-perceptual"] if args.random_perceptual else []), *args.overrides]
+           *(["--random-perceptual"] if args.random_perceptual else []), *args.overrides, *row]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
     except subprocess.TimeoutExpired:
@@ -176,23 +182,25 @@ def run_row(args, precision, compiled):
     return json.loads(lines[-1])
 
 
-def table(rows, loader, batch):
-    """Markdown lines: one row per (precision, compile) step row, then the loader row."""
+def table(rows, loader, loader_batch):
+    """Markdown lines: one row per (--rows entry, batch, precision, compile) step row, then the
+    loader row. The speed-up is in img/s against the first step row."""
     lines = ["| what | batch | precision | compile | s/step | img/s | speed-up vs first row | peak memory GB | "
              "model TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
-    first = next((r for *_, r in rows if "error" not in r), None)
-    for precision, compiled, r in rows:
+    first = next((batch / r["s_per_step"] for _, batch, _, _, r in rows if "error" not in r), None)
+    for row, batch, precision, compiled, r in rows:
+        what = " ".join(["train_step", *row])
         if "error" in r:
-            lines.append(f"| train_step | {batch} | {precision} | {compiled} | {r['error']} | | | | |")
+            lines.append(f"| {what} | {batch} | {precision} | {compiled} | {r['error']} | | | | |")
             continue
-        lines.append(f"| train_step | {batch} | {precision} | {compiled} | {r['s_per_step']:.4g} | "
-                     f"{batch / r['s_per_step']:.4g} | {first['s_per_step'] / r['s_per_step']:.2f} | "
+        lines.append(f"| {what} | {batch} | {precision} | {compiled} | {r['s_per_step']:.4g} | "
+                     f"{batch / r['s_per_step']:.4g} | {batch / r['s_per_step'] / first:.2f} | "
                      f"{r['peak_bytes'] / 2 ** 30:.2f} | {r['flops_per_step'] / r['s_per_step'] / 1e12:.3g} |")
     if loader is not None:  # its s/step column is seconds per batch
         label, rate, note = loader
-        speed = f"{batch / rate:.4g} | {rate:.4g}" if rate else f"{note} |"
-        lines.append(f"| {label} ({note}) | {batch} | | | {speed} | | | |" if rate else
-                     f"| {label} | {batch} | | | {speed} | | | |")
+        speed = f"{loader_batch / rate:.4g} | {rate:.4g}" if rate else f"{note} |"
+        lines.append(f"| {label} ({note}) | {loader_batch} | | | {speed} | | | |" if rate else
+                     f"| {label} | {loader_batch} | | | {speed} | | | |")
     return lines
 
 
@@ -200,7 +208,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="config.yaml", help="model shape, method recipe, optimizer, perceptual terms")
     p.add_argument("--tiny", action="store_true", help="a tiny shape (16 px, depth 3, width 32), perceptual terms off")
-    p.add_argument("--batch", type=int, default=4, help="micro-batch per step (and per loader batch)")
+    p.add_argument("--batch", default="4", help="comma-separated micro-batches of the step rows (the first: the "
+                                                 "loader's batch)")
+    p.add_argument("--rows", default="", help="';'-separated sets of overrides, one set of step rows each, e.g. "
+                                              "'model.depth=6;model.depth=8' (default: one set, no extra overrides)")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--compile", default="off", help="comma-separated: off, on (pmf.compile_model)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
@@ -223,7 +234,12 @@ def parse_args(argv=None):
     bad = [v for v in args.precision if v not in PRECISIONS] + [v for v in args.compile if v not in ("off", "on")]
     if bad:
         p.error(f"{bad[0]!r}: --precision takes fp32, bf16, fp16 and --compile off, on")
-    if min(args.batch, args.steps, args.loader_batches) < 1 or min(args.warmup, args.workers) < 0:
+    try:
+        args.batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        p.error(f"--batch {args.batch!r}: give comma-separated integers, e.g. 64,128")
+    args.batch, args.rows = args.batches[0], [entry.split() for entry in args.rows.split(";")]
+    if min(*args.batches, args.steps, args.loader_batches) < 1 or min(args.warmup, args.workers) < 0:
         p.error("--batch, --steps and --loader-batches must be >= 1, --warmup and --workers >= 0")
     return args
 
@@ -238,9 +254,10 @@ def main(argv=None):
                                         args.backend)))
             return
         cfg = config_lib.load_config(args.config, _overrides(args))
-        for precision in args.precision:  # every row's config is checked before any row runs
-            for compiled in args.compile:
-                config_lib.load_config(args.config, _overrides(args, precision, compiled))
+        settings = [(row, batch, precision, compiled) for row in args.rows for batch in args.batches
+                    for precision in args.precision for compiled in args.compile]
+        for row, _, precision, compiled in settings:  # every row's config is checked before any row runs
+            config_lib.load_config(args.config, _overrides(args, precision, compiled, row))
     except config_lib.ConfigError as err:
         sys.exit(f"config error: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -257,10 +274,9 @@ def main(argv=None):
               f"process; {args.config} {' '.join(_overrides(args))}")
     print(header, flush=True)
     rows = []
-    for precision in args.precision:
-        for compiled in args.compile:
-            rows.append((precision, compiled, run_row(args, precision, compiled)))
-            print(f"  {precision} compile {compiled}: {rows[-1][2]}", flush=True)
+    for row, batch, precision, compiled in settings:
+        rows.append((row, batch, precision, compiled, run_row(args, precision, compiled, batch, row)))
+        print(f"  {' '.join(row)} batch {batch} {precision} compile {compiled}: {rows[-1][-1]}", flush=True)
     loader = None if args.no_loader else loader_row(args, cfg, device)
     lines = [header, "", *table(rows, loader, args.batch)]
     print("\n".join(lines[2:]))

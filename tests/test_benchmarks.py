@@ -126,3 +126,24 @@ def test_gpu_report_cpu_path_writes_the_table(tmp_path):
     assert [row.split(" | ")[2:4] for row in rows] == [["bf16", "off"], ["fp16", "off"], ["bf16", "on"], ["fp16", "on"]]
     assert _is_number(rows[0].split(" | ")[4])  # the first row always runs; later ones may meet the budget
     assert "| data loader: parquet" in out.read_text()
+
+
+def test_throughput_rows_cross_override_sets_with_batches_and_compare_img_per_s():
+    args = throughput.parse_args(["--batch", "4,8", "--rows", "model.depth=2 model.head_depth=1;", "optim.lr=0.1"])
+    assert args.batches == [4, 8] and args.batch == 4 and args.rows == [["model.depth=2", "model.head_depth=1"], []]
+    assert throughput._overrides(args, "fp32", "off", args.rows[0])[-4:] == [
+        "model.depth=2", "model.head_depth=1", "training.mixed_precision=no", "training.compile=false"]
+    timing = {"peak_bytes": 2 ** 30, "flops_per_step": 1e12}
+    rows = [(args.rows[0], 4, "fp32", "off", {"s_per_step": 1.0, **timing}),
+            ([], 8, "fp32", "off", {"s_per_step": 1.0, **timing}), ([], 4, "fp32", "off", {"error": "failed: x"})]
+    lines = throughput.table(rows, None, 4)
+    assert lines[2].startswith("| train_step model.depth=2 model.head_depth=1 | 4 | fp32 | off | 1 | 4 | 1.00 |")
+    assert lines[3].startswith("| train_step | 8 | fp32 | off | 1 | 8 | 2.00 |")  # twice the images per second
+    assert lines[4] == "| train_step | 4 | fp32 | off | failed: x | | | | |"
+
+
+def test_throughput_refuses_a_bad_batch_list_in_one_line():
+    out = subprocess.run([sys.executable, "benchmarks/throughput.py", "--batch", "64,x"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+        "--batch '64,x': give comma-separated integers, e.g. 64,128")
