@@ -60,12 +60,13 @@ class Setting:
 
 # ---------------------------------------------------------------- generators
 
-def load_generator(path, ema="-1", model_name=None):
+def load_generator(path, ema=None, model_name=None):
     """(net, method, weights label, default (omega, t_min, t_max)) from our checkpoint or an authors' file.
 
     net is an inference build (no v-head); method its PMFConfig. Default sampling settings: the
     checkpoint's own `sampling` config, or the port's recommendation for a release file's preset.
-    ema: "raw" or an EMA index (our checkpoints); model_name: the preset of an authors' file.
+    ema: "raw", an EMA index, or None for the checkpoint's `sampling.ema` (our checkpoints: the EMA of
+    its sample grids); model_name: the preset of an authors' file.
     """
     try:
         state = checkpoint_lib.read(path)
@@ -83,7 +84,7 @@ def load_generator(path, ema="-1", model_name=None):
         if ema == "raw":
             weights, which = state["model"], "raw"
         else:
-            index = _ema_index(ema, state["ema_half_lives_kimg"], path)
+            index = _ema_index(cfg.sampling.ema if ema is None else ema, state["ema_half_lives_kimg"], path)
             weights = state["emas"][index]
             which = f"ema {state['ema_half_lives_kimg'][index]:g} kimg"
     else:
@@ -420,8 +421,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="our checkpoint or an authors' release file (pMF-B-16.pt ...)")
     p.add_argument("--model", default=None,
                    help="preset of an authors' release file, e.g. pMF-B/16 (default: read from our checkpoint)")
-    p.add_argument("--ema", default="-1",
-                   help="EMA index of our checkpoint (-1 = the last of training.ema_half_lives_kimg) or 'raw'")
+    p.add_argument("--ema", default=None,
+                   help="EMA index of our checkpoint (-1 = the last of training.ema_half_lives_kimg) or 'raw' "
+                        "(default: the checkpoint's sampling.ema, the EMA of its training sample grids)")
     p.add_argument("--num-samples", type=_positive_int, default=50000, help="N, class-balanced")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
     p.add_argument("--omega", type=float, default=None,

@@ -40,6 +40,15 @@ def _pngs(directory):
             and f != "grid.png"}
 
 
+def test_the_default_ema_is_the_checkpoints_sampling_ema(tmp_path, ckpts):
+    state = torch.load(ckpts[2], map_location="cpu", weights_only=True)
+    assert state["config"]["sampling"]["ema"] == -1 and ev.load_generator(ckpts[2])[2] == "ema 0.05 kimg"
+    state["config"]["sampling"]["ema"] = 0  # a run whose sample grids show its first EMA
+    torch.save(state, tmp_path / "first-ema.pt")
+    assert ev.load_generator(str(tmp_path / "first-ema.pt"))[2] == "ema 0.01 kimg"
+    assert ev.load_generator(str(tmp_path / "first-ema.pt"), ema="-1")[2] == "ema 0.05 kimg"
+
+
 def test_sampling_is_identical_across_processes_and_resumes(tmp_path, ckpts):
     ckpt = ckpts[2]
     common = ["--ckpt", ckpt, "--num-samples", "12", "--no-metrics", "--omega", "2", "--t-min", "0", "--t-max", "1"]
