@@ -150,9 +150,8 @@ def png_path(out_dir, i):
 def save_png(path, image):
     """Atomic lossless PNG write of an (H, W, C) uint8 array."""
     arr = image.numpy()
-    tmp = path + ".tmp"
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    png = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    metrics.write_atomic(path, lambda f: png.save(f, format="PNG"))
 
 
 def missing_indices(out_dir, n):
@@ -308,9 +307,7 @@ def claim_run_dir(out_dir, manifest):
         raise EvalError(f"{out_dir} holds PNGs but no {MANIFEST}, so their setting is unknown; "
                         "choose another --out-dir or delete that folder")
     os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(path + ".tmp", path)
+    metrics.write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
 
 def prepare_run(args, gen, setting, base_dir, state):
